@@ -1,0 +1,86 @@
+"""calibrate + eval of the embedded model through the real CLI, on a small token budget."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from thresher.artifact import load_artifact, model_identity
+from thresher.calibration.evaluate import SparsityMeter, level_thresholds, thresholds_applied
+
+
+def _thresher(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "thresher", *args], capture_output=True, text=True, timeout=900, env=os.environ.copy()
+    )
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory, embedded_model):
+    out = tmp_path_factory.mktemp("artifact")
+    result = _thresher("calibrate", "--out", str(out), "--levels", "0.25,0.5", "--max-tokens", "1024",
+                       "--eval-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedded_model):
+    artifact = load_artifact(small_artifact, model=model_identity(embedded_model.path, embedded_model.name))
+    assert artifact.levels == [0.0, 0.25, 0.5] and artifact.method == "channel-greedy"
+    assert artifact.calibration["tokens"] == 1024
+    assert len(artifact.thresholds) == 30 * 4
+    report = json.loads((small_artifact / "report.json").read_text())
+    assert (small_artifact / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert [e["level"] for e in report["levels"]] == [0.25, 0.5]
+
+
+def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_path):
+    result = _thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
+                       "--report-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "SmolLM2-135M-Instruct" and report["tokens"] == 512
+    dense = report["dense"]["perplexity"]
+    assert 5 < dense < 100, "the embedded model reads English Wikipedia at a perplexity of ~20"
+    first, second = report["levels"]
+    assert first["method"] == "channel-greedy" and first["level"] == 0.25
+    assert first["measured_sparsity"] == pytest.approx(0.25, abs=0.05)
+    assert second["measured_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert dense < first["perplexity"] < second["perplexity"]
+    assert (tmp_path / "report.json").exists() and (tmp_path / "report.png").exists()
+
+
+def test_level_zero_is_exactly_the_dense_model(small_artifact, hf_model):
+    model, tokenizer = hf_model
+    artifact = load_artifact(small_artifact)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        dense = model(ids).logits
+        meter = SparsityMeter()
+        with thresholds_applied(model, level_thresholds(artifact.thresholds, 0), meter):
+            level_zero = model(ids).logits
+        with thresholds_applied(model, level_thresholds(artifact.thresholds, 2)):
+            sparse = model(ids).logits
+    assert torch.equal(level_zero, dense)
+    assert meter.sparsity < 0.001
+    assert not torch.equal(sparse, dense)
+
+
+def test_eval_of_a_damaged_artifact_fails_clearly(small_artifact, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in small_artifact.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "thresholds.safetensors").write_bytes(b"garbage")
+    result = _thresher("eval", "--artifact", str(broken), "--max-tokens", "512")
+    assert result.returncode == 2
+    assert "thresholds.safetensors is damaged" in result.stderr
+
+
+def test_calibrate_rejects_bad_levels(tmp_path):
+    result = _thresher("calibrate", "--out", str(tmp_path / "x"), "--levels", "0.5,1.5")
+    assert result.returncode == 2
+    assert "strictly between 0 and 1" in result.stderr

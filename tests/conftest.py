@@ -1,0 +1,31 @@
+"""Shared fixtures: one converted embedded model and one small calibrated artifact for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def thresher_home(tmp_path_factory) -> Path:
+    """The cache for converted models: $THRESHER_HOME when set (CI sets it), else a session temp dir."""
+    home = os.environ.get("THRESHER_HOME")
+    path = Path(home) if home else tmp_path_factory.mktemp("thresher-home")
+    os.environ["THRESHER_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model(thresher_home):
+    from thresher.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def hf_model(embedded_model):
+    from thresher.models import load_hf_model
+
+    return load_hf_model(embedded_model)

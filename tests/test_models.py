@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from thresher.models import DEFAULT_MODEL_NAME, ModelError, resolve_model
+
+
+def test_embedded_default_resolves_to_a_llama_folder(embedded_model):
+    assert embedded_model.name == DEFAULT_MODEL_NAME
+    assert embedded_model.architecture == "LlamaForCausalLM"
+    config = embedded_model.config()
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (30, 576, 1536)
+    assert any(embedded_model.path.glob("*.safetensors"))
+
+
+def test_embedded_default_is_converted_once(embedded_model):
+    before = (embedded_model.path / "config.json").stat().st_mtime_ns
+    again = resolve_model("default")
+    assert again.path == embedded_model.path
+    assert (again.path / "config.json").stat().st_mtime_ns == before
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(tmp_path / "nowhere")
+
+
+def test_file_that_is_not_gguf_is_rejected(tmp_path):
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelError, match="not a .gguf file"):
+        resolve_model(weights)
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x07" * 64)
+    with pytest.raises(ModelError, match="cannot read GGUF file"):
+        resolve_model(broken)
+
+
+def test_non_llama_architecture_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="GPT2LMHeadModel.*Llama family"):
+        resolve_model(tmp_path)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(tmp_path)

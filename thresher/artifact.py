@@ -1,0 +1,189 @@
+"""The calibration artifact: a directory with a manifest, thresholds and (later) SAEs and steering vectors.
+
+    manifest.json           format, thresher version, model identity, levels, method, sha256 of every file
+    thresholds.safetensors  per tensor `layers.<i>.<group>`: float32 [levels, in_features], row 0 = level 0 (dense)
+    report.json, report.png the quality report
+
+Loading checks every file's sha256 and every tensor's shape, and, given a model, that the artifact was fitted on
+that model: a mismatch is an `ArtifactError` naming both, never a silent misfit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from thresher import __version__
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+THRESHOLDS = "thresholds.safetensors"
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, damaged, or fitted on another model."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an artifact must agree with: the shapes thresher patches and a fingerprint of config and weights."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    fingerprint: str
+
+    def in_features(self, group: str) -> int:
+        return {"qkv": self.hidden_size, "o": self.hidden_size, "gate_up": self.hidden_size}.get(
+            group, self.intermediate_size
+        )
+
+
+_WEIGHT_SAMPLE = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight")
+_SAMPLE_VALUES = 4096
+
+
+def model_identity(model_path: str | os.PathLike, name: str | None = None) -> ModelIdentity:
+    """Identity of an HF model folder, read from config.json and a sample of the safetensors weights."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    config = json.loads((path / "config.json").read_text())
+    digest = hashlib.sha256()
+    shape_keys = ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "head_dim")
+    digest.update(json.dumps({k: config.get(k) for k in shape_keys}, sort_keys=True).encode())
+    files = sorted(path.glob("*.safetensors"))
+    for tensor_name in _WEIGHT_SAMPLE:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                if tensor_name in f.keys():
+                    sample = f.get_slice(tensor_name)[:8].reshape(-1)[:_SAMPLE_VALUES]
+                    digest.update(sample.float().numpy().tobytes())
+                    break
+    return ModelIdentity(
+        name=name or path.name,
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        fingerprint=digest.hexdigest()[:16],
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """An artifact in memory: model identity, levels (levels[0] == 0.0), method and threshold tables."""
+
+    model: ModelIdentity
+    levels: list[float]
+    method: str
+    thresholds: dict[str, torch.Tensor]
+    calibration: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def level_index(self, level: float) -> int:
+        """Index of a calibrated level; anything else is an error naming the levels on offer."""
+        for index, candidate in enumerate(self.levels):
+            if abs(candidate - level) < 1e-6:
+                return index
+        raise ArtifactError(f"sparsity level {level} was not calibrated; available levels: {self.levels}")
+
+    def validate(self) -> None:
+        if not self.levels or self.levels[0] != 0.0 or sorted(self.levels) != self.levels:
+            raise ArtifactError(f"levels must start at 0.0 and increase, got {self.levels}")
+        for layer in range(self.model.num_layers):
+            for group in GROUPS:
+                name = f"layers.{layer}.{group}"
+                table = self.thresholds.get(name)
+                expected = (len(self.levels), self.model.in_features(group))
+                if table is None:
+                    raise ArtifactError(f"thresholds for {name} are missing")
+                if tuple(table.shape) != expected:
+                    raise ArtifactError(f"thresholds for {name} have shape {tuple(table.shape)}, expected {expected}")
+                if not torch.isfinite(table).all() or (table < 0).any():
+                    raise ArtifactError(f"thresholds for {name} hold negative or non-finite values")
+                if (table[0] != 0).any():
+                    raise ArtifactError(f"thresholds for {name}: level 0 must be all zeros (dense)")
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        """Fail unless this artifact was fitted on the model `identity` describes."""
+        if replace(identity, name=self.model.name) != self.model:
+            raise ArtifactError(
+                f"artifact {self.path or ''} was calibrated for model '{self.model.name}' "
+                f"({self.model.architecture}, {self.model.num_layers} layers, hidden {self.model.hidden_size}, "
+                f"fingerprint {self.model.fingerprint}) but the model given is '{identity.name}' "
+                f"({identity.architecture}, {identity.num_layers} layers, hidden {identity.hidden_size}, "
+                f"fingerprint {identity.fingerprint}); calibrate this model with `thresher calibrate --model ...`"
+            )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        self.validate()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.thresholds.items()}, directory / THRESHOLDS)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "thresher_version": __version__,
+            "model": asdict(self.model),
+            "levels": self.levels,
+            "method": self.method,
+            "calibration": self.calibration,
+            "files": {THRESHOLDS: _sha256(directory / THRESHOLDS)},
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        self.path = directory
+        return directory
+
+
+def load_artifact(directory: str | os.PathLike, model: ModelIdentity | None = None) -> Artifact:
+    """Read and verify an artifact; with `model`, also check it was fitted on that model."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{directory} is not a thresher artifact: no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        identity = ModelIdentity(**manifest["model"])
+        files, levels, method = manifest["files"], [float(x) for x in manifest["levels"]], manifest["method"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{manifest_path} is damaged: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{manifest_path} has format {manifest.get('format')}; this thresher reads {FORMAT_VERSION}")
+    for file_name, expected in files.items():
+        file_path = directory / file_name
+        if not file_path.is_file():
+            raise ArtifactError(f"artifact file {file_path} is missing")
+        if _sha256(file_path) != expected:
+            raise ArtifactError(f"artifact file {file_path} is damaged: its sha256 does not match the manifest")
+    try:
+        thresholds = load_file(directory / THRESHOLDS)
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"cannot read {directory / THRESHOLDS}: {exc}") from exc
+    artifact = Artifact(identity, levels, method, thresholds, manifest.get("calibration", {}), directory)
+    artifact.validate()
+    if model is not None:
+        artifact.check_model(model)
+    return artifact

@@ -1,0 +1,1 @@
+"""Offline calibration: activation statistics, thresholds, evaluation and the quality report."""

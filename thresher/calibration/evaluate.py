@@ -1,0 +1,84 @@
+"""Perplexity of the dense model and of each sparsity level, with thresholds applied in a plain torch forward.
+
+This is the reference the sparse kernels must match: every projection input is thresholded with
+`kernels.reference.threshold_activations`, for every token (prefill included), before its matmul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from thresher.calibration.statistics import PROJECTION_GROUPS, group_weight, tensor_name
+from thresher.kernels.reference import threshold_activations
+
+
+@dataclass
+class SparsityMeter:
+    """Weight reads skipped: zeroed activations times the weights each one would multiply."""
+
+    skipped: float = 0.0
+    total: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return self.skipped / self.total if self.total else 0.0
+
+
+@contextlib.contextmanager
+def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: SparsityMeter | None = None):
+    """Within the block, every projection input of `model` is thresholded by `thresholds[name]` (`[in_features]`)."""
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for group, projections in PROJECTION_GROUPS.items():
+            t = thresholds[tensor_name(index, group)]
+            out_features = group_weight(layer, group).shape[0]
+            for position, projection in enumerate(projections):
+                counts = meter is not None and position == 0
+
+                def apply(_module, args, t=t, counts=counts, out_features=out_features):
+                    x = threshold_activations(args[0], t)
+                    if counts:
+                        meter.skipped += float((x == 0).sum()) * out_features
+                        meter.total += x.numel() * out_features
+                    return (x, *args[1:])
+
+                handles.append(layer.get_submodule(projection).register_forward_pre_hook(apply))
+    try:
+        yield meter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[list[int]], batch_size: int = 4, desc: str = "perplexity") -> float:
+    """exp(mean next-token negative log-likelihood) over the windows."""
+    nll, count = 0.0, 0
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        ids = torch.tensor(batch)
+        loss = model(ids, labels=ids).loss
+        predicted = ids[:, 1:].numel()
+        nll += float(loss) * predicted
+        count += predicted
+    return math.exp(nll / count)
+
+
+def level_thresholds(thresholds: dict[str, torch.Tensor], level_index: int) -> dict[str, torch.Tensor]:
+    return {name: table[level_index] for name, table in thresholds.items()}
+
+
+def evaluate_levels(model, windows, thresholds: dict[str, torch.Tensor], levels: list[float]) -> list[dict]:
+    """For each level (index 1.. of the threshold tables): measured weighted sparsity and perplexity."""
+    results = []
+    for index, level in enumerate(levels, start=1):
+        meter = SparsityMeter()
+        with thresholds_applied(model, level_thresholds(thresholds, index), meter):
+            ppl = perplexity(model, windows, desc=f"perplexity at {level:.0%}")
+        results.append({"level": level, "measured_sparsity": round(meter.sparsity, 4), "perplexity": ppl})
+    return results

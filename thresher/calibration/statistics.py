@@ -1,0 +1,136 @@
+"""Activation statistics of every sparsified projection input, with bounded memory.
+
+For each input channel we keep a log-spaced histogram of |x| and, per bin, the summed first-order loss cost of
+zeroing those activations, (dL/dx * x)^2 (a diagonal empirical-Fisher estimate). Memory is
+channels x bins, whatever the token count. The cost lets one budget be compared across tensors and layers in the
+same unit, which is what the greedy allocation in `thresholds.py` needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# Activation groups of one decoder layer: group name -> projections reading the same input (first one is hooked).
+PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+BINS_PER_OCTAVE = 8
+LOWEST_OCTAVE = -16  # 2^-16 ~ 1.5e-5: below every threshold worth fitting
+NUM_BINS = 24 * BINS_PER_OCTAVE  # up to 2^8 = 256; larger magnitudes share the last bin and are never zeroed
+
+
+def bin_index(magnitude: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each |x| (bin 0 also holds exact zeros)."""
+    scaled = (torch.log2(magnitude.float()) - LOWEST_OCTAVE) * BINS_PER_OCTAVE
+    return scaled.nan_to_num(neginf=0.0).floor().clamp_(0, NUM_BINS - 1).long()
+
+
+def bin_lower_edges() -> torch.Tensor:
+    """The threshold that zeroes bins [0, k) is edges[k]; edges[0] = 0 zeroes nothing."""
+    k = torch.arange(NUM_BINS, dtype=torch.float64)
+    edges = torch.pow(2.0, LOWEST_OCTAVE + k / BINS_PER_OCTAVE)
+    edges[0] = 0.0
+    return edges
+
+
+def tensor_name(layer: int, group: str) -> str:
+    return f"layers.{layer}.{group}"
+
+
+def group_weight(layer_module: torch.nn.Module, group: str) -> torch.Tensor:
+    """The group's projections stacked as one `[sum(out), in]` weight (what a fused kernel multiplies)."""
+    return torch.cat([layer_module.get_submodule(p).weight for p in PROJECTION_GROUPS[group]], dim=0)
+
+
+@dataclass
+class ChannelHistogram:
+    """Per-channel histograms for one activation group: counts and summed zeroing cost per bin."""
+
+    out_features: int  # weight elements read per input channel (rows of the group's weight)
+    counts: torch.Tensor  # [in_features, NUM_BINS] float64
+    costs: torch.Tensor  # [in_features, NUM_BINS] float64
+    energies: torch.Tensor  # [in_features, NUM_BINS] float64: summed x^2, the output error of zeroing (per |W_c|^2)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int) -> "ChannelHistogram":
+        zeros = torch.zeros(in_features, NUM_BINS, dtype=torch.float64)
+        return cls(out_features=out_features, counts=zeros, costs=zeros.clone(), energies=zeros.clone())
+
+    @property
+    def in_features(self) -> int:
+        return self.counts.shape[0]
+
+    def add(self, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+        x = x.detach().reshape(-1, self.in_features)
+        flat = (bin_index(x.abs()) + torch.arange(self.in_features) * NUM_BINS).view(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
+        self.energies.view(-1).index_add_(0, flat, x.double().square().view(-1))
+        if grad is not None:
+            cost = (grad.detach().reshape(-1, self.in_features).double() * x.double()).square()
+            self.costs.view(-1).index_add_(0, flat, cost.view(-1))
+
+
+@dataclass
+class ActivationStatistics:
+    """Histograms of every sparsified input of the model, keyed by `layers.<i>.<group>`."""
+
+    tokens: int = 0
+    histograms: dict[str, ChannelHistogram] = field(default_factory=dict)
+
+
+def collect_activation_statistics(model, windows: list[list[int]], batch_size: int = 4) -> ActivationStatistics:
+    """Run the model forward and backward (next-token loss) over the windows and histogram every projection input.
+
+    Parameters are frozen; gradients flow only to activations, so memory stays at one batch's activations.
+    """
+    layers = model.model.layers
+    stats = ActivationStatistics()
+    handles = []
+
+    def hook_group(layer_index: int, group: str):
+        name = tensor_name(layer_index, group)
+        weight = group_weight(layers[layer_index], group)
+        stats.histograms[name] = ChannelHistogram.empty(weight.shape[1], weight.shape[0])
+
+        def capture_input(_module, args):
+            x = args[0]
+            if x.requires_grad:
+                x.register_hook(lambda grad: stats.histograms[name].add(x, grad))
+            else:
+                stats.histograms[name].add(x, None)
+
+        first_projection = layers[layer_index].get_submodule(PROJECTION_GROUPS[group][0])
+        handles.append(first_projection.register_forward_pre_hook(capture_input))
+
+    for index in range(len(layers)):
+        for group in PROJECTION_GROUPS:
+            hook_group(index, group)
+
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+        for batch in tqdm(batches, desc="activation statistics", unit="batch"):
+            ids = torch.tensor(batch)
+            embeds = model.get_input_embeddings()(ids).requires_grad_()
+            loss = model(inputs_embeds=embeds, labels=ids).loss * ids.numel()
+            loss.backward()
+            stats.tokens += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    log.info("collected statistics of %d tensors over %d tokens", len(stats.histograms), stats.tokens)
+    return stats

@@ -1,0 +1,102 @@
+"""Fitting per-channel thresholds for several sparsity levels from activation histograms.
+
+Sparsity is counted in weight reads: zeroing input channel c of a projection group skips the `out_features`
+weights of column c, so a level of 40% means 40% of all projection weights go unread (at batch 1).
+
+- `channel-greedy`: every channel of every tensor gets its own cut-off. The budget goes greedily to the
+  activations that are cheapest to zero per weight skipped (cost from `statistics.py`, in loss units, so tensors and
+  layers compare directly). For a price `lam`, each channel independently takes the cut-off minimising
+  cost - lam * weights_skipped; `lam` is then searched until the level's budget is met. This is the Lagrangian
+  form of the greedy knapsack, and it keeps channels with outsized activations or outsized influence dense.
+- `teal-uniform`: TEAL's baseline, one magnitude threshold per tensor with the same sparsity in every tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thresher.calibration.statistics import BINS_PER_OCTAVE, ActivationStatistics, bin_lower_edges
+
+METHODS = ("channel-greedy", "teal-uniform")
+
+
+def _stacked(stats: ActivationStatistics):
+    """All channels of all tensors as rows: cumulative counts and costs of zeroing bins [0, k), and weights per row."""
+    names = list(stats.histograms)
+    hists = [stats.histograms[n] for n in names]
+    counts = torch.cat([h.counts for h in hists])
+    costs = torch.cat([h.costs for h in hists])
+    zero = torch.zeros(counts.shape[0], 1, dtype=torch.float64)
+    # column k: what zeroing bins [0, k) skips and costs; the last bin is never zeroed.
+    cum_counts = torch.cat([zero, counts.cumsum(1)[:, :-1]], dim=1)
+    cum_costs = torch.cat([zero, costs.cumsum(1)[:, :-1]], dim=1)
+    row_weights = torch.cat([torch.full((h.in_features,), float(h.out_features), dtype=torch.float64) for h in hists])
+    return names, hists, cum_counts, cum_costs, row_weights
+
+
+def _weighted_sparsity(cutoffs: torch.Tensor, cum_counts: torch.Tensor, row_weights: torch.Tensor, tokens: int):
+    skipped = cum_counts.gather(1, cutoffs[:, None]).squeeze(1)
+    return float((skipped * row_weights).sum() / (row_weights.sum() * tokens))
+
+
+def _greedy_cutoffs(level: float, cum_counts, cum_costs, row_weights, tokens: int) -> torch.Tensor:
+    """Per-row cut-off bins that meet `level` (weighted) at the least total cost."""
+    saved = cum_counts * row_weights[:, None]
+
+    def cutoffs_at(price: float) -> torch.Tensor:
+        return (cum_costs - price * saved).argmin(dim=1)
+
+    low, high = 1e-30, 1.0
+    while _weighted_sparsity(cutoffs_at(high), cum_counts, row_weights, tokens) < level and high < 1e30:
+        high *= 10.0
+    for _ in range(100):  # bisection in log space
+        mid = (low * high) ** 0.5
+        if _weighted_sparsity(cutoffs_at(mid), cum_counts, row_weights, tokens) < level:
+            low = mid
+        else:
+            high = mid
+        if high / low < 1 + 1e-6:
+            break
+    return cutoffs_at(high)
+
+
+def _uniform_thresholds(level: float, hists, cum_counts, tokens: int, edges: torch.Tensor) -> torch.Tensor:
+    """One threshold per tensor zeroing `level` of its activations, interpolated log-linearly inside the bin."""
+    thresholds, row = [], 0
+    target = torch.tensor([level], dtype=torch.float64)
+    for h in hists:
+        zeroed = cum_counts[row : row + h.in_features].sum(0) / (tokens * h.in_features)
+        k = int(torch.searchsorted(zeroed, target).clamp(1, zeroed.numel() - 1))  # zeroed[k-1] < level <= zeroed[k]
+        within = float((level - zeroed[k - 1]) / (zeroed[k] - zeroed[k - 1]).clamp(min=1e-12))
+        low = edges[k - 1] if k > 1 else edges[k] / 2 ** (1 / BINS_PER_OCTAVE)
+        value = float(low * (edges[k] / low) ** min(max(within, 0.0), 1.0))
+        thresholds.append(torch.full((h.in_features,), value, dtype=torch.float64))
+        row += h.in_features
+    return torch.cat(thresholds)
+
+
+def fit_channel_thresholds(
+    stats: ActivationStatistics, levels: list[float], method: str = "channel-greedy"
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Thresholds `[1 + len(levels), in_features]` per tensor (row 0 is level 0: all zeros, the dense model),
+    and the weighted sparsity each level reaches on the calibration data."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    names, hists, cum_counts, cum_costs, row_weights = _stacked(stats)
+    edges = bin_lower_edges()
+    per_level = [torch.zeros(cum_counts.shape[0], dtype=torch.float64)]
+    reached = []
+    for level in levels:
+        if method == "channel-greedy":
+            cutoffs = _greedy_cutoffs(level, cum_counts, cum_costs, row_weights, stats.tokens)
+            per_level.append(edges[cutoffs])
+            reached.append(_weighted_sparsity(cutoffs, cum_counts, row_weights, stats.tokens))
+        else:
+            per_level.append(_uniform_thresholds(level, hists, cum_counts, stats.tokens, edges))
+            reached.append(level)
+    table = torch.stack(per_level).float()
+    thresholds, row = {}, 0
+    for name, h in zip(names, hists):
+        thresholds[name] = table[:, row : row + h.in_features].contiguous()
+        row += h.in_features
+    return thresholds, reached
