@@ -1,0 +1,131 @@
+"""Sparse decode GEMV against dense cuBLAS on Llama-3-8B projection shapes (GPU machine).
+
+    python bench/kernels.py [--out results/kernels.json] [--sweep]
+
+For each shape, batch and sparsity: dense `torch.nn.functional.linear` and `thresher.kernels.sparse_gemv`, timed in
+the same run with `triton.testing.do_bench` (median), on rotating weight copies so no run reads from L2. Activations
+are drawn independently per row, and each channel's threshold is set for the wanted per-row sparsity, so the union
+of kept channels across a batch is real. Prints time, effective GB/s (bytes of weights actually needed) and ratio.
+`--sweep` first searches kernel launch configurations per shape and batch and uses the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from thresher.kernels.triton_sparse import _launch_config, sparse_gemv
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+BATCHES = (1, 2, 4, 8, 16)
+SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+L2_DEFEAT_BYTES = 400 * 2**20
+
+
+class Rotating:
+    """Weight copies cycled call by call, enough that a full cycle exceeds L2."""
+
+    def __init__(self, k: int, n: int, dtype):
+        bytes_per = k * n * torch.finfo(dtype).bits // 8
+        self.count = max(1, math.ceil(L2_DEFEAT_BYTES / bytes_per))
+        self.w = [torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k) for _ in range(self.count)]
+        self.wt = [w.t().contiguous() for w in self.w]
+        self.i = 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.count
+        return self.i
+
+
+def make_inputs(batch: int, k: int, sparsity: float, dtype):
+    x = torch.randn(batch, k, device="cuda", dtype=dtype)
+    scale = 0.5 + torch.rand(k, device="cuda")
+    x = x * scale
+    t = (scale * torch.special.ndtri(torch.tensor((1 + sparsity) / 2, device="cuda"))).float()
+    thresholds = torch.stack([torch.zeros_like(t), t]) if sparsity > 0 else torch.zeros(2, k, device="cuda")
+    levels = torch.ones(batch, dtype=torch.int32, device="cuda")
+    return x, thresholds, levels
+
+
+def time_ms(fn, rep: int = 100) -> float:
+    return do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+
+
+def sweep_configs(k, n, batch, rot, dtype):
+    x, thresholds, levels = make_inputs(batch, k, 0.5, dtype)
+    best = None
+    block_b = 1 if batch == 1 else 16
+    for block_k, block_n, waves, warps in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8)):
+        if block_b == 16 and block_k * block_n > 128 * 128:
+            continue
+        n_blocks = triton.cdiv(n, block_n)
+        splits = max(1, min(triton.cdiv(k, block_k), triton.cdiv(waves * 132, n_blocks)))
+        config = (block_b, block_k, block_n, splits, warps)
+        try:
+            ms = time_ms(lambda: sparse_gemv(x, rot.wt[rot.next()], thresholds, levels, config=config), rep=30)
+        except Exception:  # a config that does not compile (too many registers/shared memory) is skipped
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, config)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/kernels.json")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    results = {"device": device, "dtype": args.dtype, "configs": {}, "rows": []}
+    for name, (k, n) in SHAPES.items():
+        rot = Rotating(k, n, dtype)
+        for batch in BATCHES:
+            config = _launch_config(batch, k, n)
+            if args.sweep and batch <= 4:
+                found = sweep_configs(k, n, batch, rot, dtype)
+                if found:
+                    config = found[1]
+                    print(f"sweep {name} b={batch}: best {config} {found[0] * 1e3:.1f} us", flush=True)
+            results["configs"][f"{name}/{batch}"] = list(config)
+            for sparsity in SPARSITIES:
+                x, thresholds, levels = make_inputs(batch, k, sparsity, dtype)
+                dense_ms = time_ms(lambda: torch.nn.functional.linear(x, rot.w[rot.next()]))
+                sparse_ms = time_ms(lambda: sparse_gemv(x, rot.wt[rot.next()], thresholds, levels, config=config), rep=30)
+                union = float((x.abs() > thresholds[1]).any(0).float().mean()) if sparsity > 0 else 1.0
+                weight_bytes = k * n * torch.finfo(dtype).bits // 8
+                results["rows"].append({
+                    "shape": name, "K": k, "N": n, "batch": batch, "sparsity": sparsity, "kept_union": round(union, 4),
+                    "dense_us": round(dense_ms * 1e3, 2), "sparse_us": round(sparse_ms * 1e3, 2),
+                    "dense_GBps": round(weight_bytes / dense_ms / 1e6, 1),
+                    "sparse_effective_GBps": round(weight_bytes * union / sparse_ms / 1e6, 1),
+                    "speedup": round(dense_ms / sparse_ms, 3),
+                })
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{device}, {args.dtype}; speedup = dense cuBLAS time / thresher time (median, do_bench)")
+    print("shape    batch " + " ".join(f"{int(s * 100):>5}%" for s in SPARSITIES))
+    for name in SHAPES:
+        for batch in BATCHES:
+            row = [r for r in results["rows"] if r["shape"] == name and r["batch"] == batch]
+            print(f"{name:8} {batch:5} " + " ".join(f"{r['speedup']:6.2f}" for r in row))
+    print("\none decoder layer (sum of the four shapes):")
+    for batch in BATCHES:
+        cells = []
+        for sparsity in SPARSITIES:
+            rows = [r for r in results["rows"] if r["batch"] == batch and r["sparsity"] == sparsity]
+            cells.append(sum(r["dense_us"] for r in rows) / sum(r["sparse_us"] for r in rows))
+        print(f"layer    {batch:5} " + " ".join(f"{c:6.2f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
