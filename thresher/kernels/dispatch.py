@@ -12,9 +12,10 @@ import torch
 
 from thresher.kernels.reference import threshold_activations
 
-# Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows
-# (bench/kernels.py on an H100, Llama-3-8B shapes); at 0% the kernel is within a few percent of dense.
-GPU_SPARSE_MAX_BATCH = 4
+# Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows:
+# one Llama-3-8B layer on an H100 ran 1.45x at batch 1, 1.15x at 2, 1.00x at 4, 0.55x at 8
+# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.94-0.95x dense.
+GPU_SPARSE_MAX_BATCH = 2
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -34,6 +34,8 @@ def _sparse_gemv_partials(
     col_ok = cols < N
     levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    # batch 1 accumulates elementwise and reduces over channels once at the end, not once per tile
+    acc_1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -48,10 +50,12 @@ def _sparse_gemv_partials(
         channel_live = tl.max(keep.to(tl.int32), axis=0) > 0
         w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=channel_live[:, None] & col_ok[None, :], other=0.0)
         if BLOCK_B == 1:
-            acc += tl.sum(x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32), axis=0)[None, :]
+            acc_1 += x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32)
         else:
             # bf16/fp16 values are exact in tf32, so a tf32 dot loses nothing (and runs in the CPU interpreter too)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="tf32")
+    if BLOCK_B == 1:
+        acc += tl.sum(acc_1, axis=0)[None, :]
     out = partials_ptr + pid_k * B * N + rows[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -67,13 +71,14 @@ def _sum_splits(partials_ptr, y_ptr, total, SPLITS: tl.constexpr, BLOCK: tl.cons
 
 
 def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_K, BLOCK_N, splits, num_warps): enough programs to fill the GPU at decode sizes."""
-    block_b = 1 if rows == 1 else 16
-    block_n = 128 if n >= 8192 else 64
-    block_k = 32 if block_b == 1 else 64
+    """(BLOCK_B, BLOCK_K, BLOCK_N, splits, num_warps), from the sweep in bench/kernels.py on an H100 (Llama-3-8B
+    shapes): ~1000 programs at batch 1 and ~260 above it, splitting the input channels when output columns are few."""
+    if rows == 1:
+        block_b, block_k, block_n, programs = 1, 128, 64, 1024
+    else:
+        block_b, block_k, block_n, programs = 16, 32, 256, 256
     n_blocks = triton.cdiv(n, block_n)
-    target_programs = 4 * 132  # four waves over an H100's 132 SMs
-    splits = max(1, min(triton.cdiv(k, block_k * 4), triton.cdiv(target_programs, n_blocks)))
+    splits = max(1, min(triton.cdiv(programs, n_blocks), triton.cdiv(k, 2 * block_k)))
     return block_b, block_k, block_n, splits, 4
 
 
@@ -83,6 +88,8 @@ def sparse_gemv(
     """y = threshold(x) @ Wt for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]` int."""
     rows, k = x.shape
     n = wt.shape[1]
+    if not (x.is_contiguous() and wt.is_contiguous() and thresholds.is_contiguous()):
+        raise ValueError("sparse_gemv needs contiguous x, Wt and thresholds")
     if rows > MAX_BATCH:
         raise ValueError(f"sparse_gemv takes at most {MAX_BATCH} rows, got {rows}")
     if wt.shape[0] != k or thresholds.shape[-1] != k:
@@ -93,7 +100,7 @@ def sparse_gemv(
     partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), splits)
     _sparse_gemv_partials[grid](
-        x.contiguous(), wt, thresholds.contiguous(), levels.to(torch.int32).contiguous(), partials,
+        x, wt, thresholds, levels, partials,
         rows, k, n, k_per_split, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
     )
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
