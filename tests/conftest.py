@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_thresher
+
 
 @pytest.fixture(scope="session")
 def thresher_home(tmp_path_factory) -> Path:
@@ -29,3 +31,13 @@ def hf_model(embedded_model):
     from thresher.models import load_hf_model
 
     return load_hf_model(embedded_model)
+
+
+@pytest.fixture(scope="session")
+def small_artifact(tmp_path_factory, embedded_model) -> Path:
+    """The embedded model calibrated on 1024 tokens at 25% and 50%, with a quick report."""
+    out = tmp_path_factory.mktemp("artifact")
+    result = run_thresher("calibrate", "--out", str(out), "--levels", "0.25,0.5", "--max-tokens", "1024",
+                          "--eval-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    return out

@@ -1,9 +1,6 @@
 """calibrate + eval of the embedded model through the real CLI, on a small token budget."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,20 +8,7 @@ import torch
 from thresher.artifact import load_artifact, model_identity
 from thresher.calibration.evaluate import SparsityMeter, level_thresholds, thresholds_applied
 
-
-def _thresher(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "thresher", *args], capture_output=True, text=True, timeout=900, env=os.environ.copy()
-    )
-
-
-@pytest.fixture(scope="module")
-def small_artifact(tmp_path_factory, embedded_model):
-    out = tmp_path_factory.mktemp("artifact")
-    result = _thresher("calibrate", "--out", str(out), "--levels", "0.25,0.5", "--max-tokens", "1024",
-                       "--eval-tokens", "512")
-    assert result.returncode == 0, result.stderr
-    return out
+from tests.helpers import run_thresher
 
 
 def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedded_model):
@@ -38,7 +22,7 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
 
 
 def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_path):
-    result = _thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
+    result = run_thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
                        "--report-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -75,12 +59,12 @@ def test_eval_of_a_damaged_artifact_fails_clearly(small_artifact, tmp_path):
     for f in small_artifact.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "thresholds.safetensors").write_bytes(b"garbage")
-    result = _thresher("eval", "--artifact", str(broken), "--max-tokens", "512")
+    result = run_thresher("eval", "--artifact", str(broken), "--max-tokens", "512")
     assert result.returncode == 2
     assert "thresholds.safetensors is damaged" in result.stderr
 
 
 def test_calibrate_rejects_bad_levels(tmp_path):
-    result = _thresher("calibrate", "--out", str(tmp_path / "x"), "--levels", "0.5,1.5")
+    result = run_thresher("calibrate", "--out", str(tmp_path / "x"), "--levels", "0.5,1.5")
     assert result.returncode == 2
     assert "strictly between 0 and 1" in result.stderr

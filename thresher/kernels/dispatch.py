@@ -13,8 +13,8 @@ import torch
 from thresher.kernels.reference import threshold_activations
 
 # Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows:
-# one Llama-3-8B layer on an H100 ran 1.45x at batch 1, 1.15x at 2, 1.00x at 4, 0.55x at 8
-# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.94-0.95x dense.
+# one Llama-3-8B layer on an H100 ran 1.49x at batch 1, 1.09x at 2, 0.84x at 4, 0.75x at 8
+# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.90-0.91x dense.
 GPU_SPARSE_MAX_BATCH = 2
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 

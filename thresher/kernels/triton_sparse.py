@@ -7,8 +7,12 @@ multiplies are one contiguous row: a channel that no row of the batch keeps is a
 replaces the original (dense matmuls use the `Wt.t()` view at full cuBLAS speed), so it costs no extra memory.
 Projections that share an input (q/k/v, gate/up) are one call on their concatenated weights.
 
-The grid splits the output columns and the input channels; each program writes fp32 partial sums, and a second small
-kernel adds the splits and casts, so there are no atomics (bf16 and fp16 alike, deterministic results).
+Three launches, no atomics (bf16 and fp16 alike, deterministic):
+1. `_compact_live_channels`: per chunk of input channels, the list of channels some row keeps, and their
+   thresholded activations, packed to the front of the chunk.
+2. `_gather_gemv_partials`: per (output block, chunk), loop over that chunk's live channels only and gather their
+   weight rows; fp32 partial sums per chunk. Work and bytes scale with the kept fraction, not with in_features.
+3. `_sum_chunks`: add the chunks' partial sums and cast.
 """
 
 from __future__ import annotations
@@ -21,10 +25,36 @@ MAX_BATCH = 16
 
 
 @triton.jit
-def _sparse_gemv_partials(
-    x_ptr, wt_ptr, thresholds_ptr, levels_ptr, partials_ptr,
-    B, K, N, k_per_split,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _compact_live_channels(
+    x_ptr, thresholds_ptr, levels_ptr, live_ptr, values_ptr, counts_ptr,
+    B, K, chunk,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_B)
+    offsets = tl.arange(0, CHUNK)
+    ks = pid * chunk + offsets
+    row_ok = rows < B
+    k_ok = (offsets < chunk) & (ks < K)
+    both = row_ok[:, None] & k_ok[None, :]
+    levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
+    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
+    t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
+    keep = (tl.abs(x.to(tl.float32)) > t) & both
+    live = tl.max(keep.to(tl.int32), axis=0)
+    slot = tl.cumsum(live, axis=0) - 1
+    base = pid * chunk
+    tl.store(live_ptr + base + slot, ks, mask=live > 0)
+    kept = tl.where(keep, x.to(tl.float32), 0.0)
+    tl.store(values_ptr + rows[:, None] * K + base + slot[None, :], kept, mask=row_ok[:, None] & (live > 0)[None, :])
+    tl.store(counts_ptr + pid, tl.sum(live, axis=0))
+
+
+@triton.jit
+def _gather_gemv_partials(
+    wt_ptr, live_ptr, values_ptr, counts_ptr, partials_ptr,
+    B, K, N, chunk,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -32,28 +62,24 @@ def _sparse_gemv_partials(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     col_ok = cols < N
-    levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
+    count = tl.load(counts_ptr + pid_k)
+    base = pid_k * chunk
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     # batch 1 accumulates elementwise and reduces over channels once at the end, not once per tile
     acc_1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
-        both = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
-        t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
-        keep = tl.abs(x.to(tl.float32)) > t
-        x = tl.where(keep, x, 0.0)
-        # a weight row is read only if some row of the batch keeps that channel: masked lanes issue no loads
-        channel_live = tl.max(keep.to(tl.int32), axis=0) > 0
-        w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=channel_live[:, None] & col_ok[None, :], other=0.0)
+    # pipelined: the channel list of later iterations is fetched while this one's weight rows load
+    for i in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+        slots = i + tl.arange(0, BLOCK_K)
+        slot_ok = slots < count
+        ks = tl.load(live_ptr + base + slots, mask=slot_ok, other=0)
+        w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :],
+                    other=0.0)
         if BLOCK_B == 1:
-            acc_1 += x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32)
+            acc_1 += x.reshape(BLOCK_K, 1) * w.to(tl.float32)
         else:
             # bf16/fp16 values are exact in tf32, so a tf32 dot loses nothing (and runs in the CPU interpreter too)
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="tf32")
+            acc += tl.dot(x, w.to(tl.float32), input_precision="tf32")
     if BLOCK_B == 1:
         acc += tl.sum(acc_1, axis=0)[None, :]
     out = partials_ptr + pid_k * B * N + rows[:, None] * N + cols[None, :]
@@ -61,25 +87,25 @@ def _sparse_gemv_partials(
 
 
 @triton.jit
-def _sum_splits(partials_ptr, y_ptr, total, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_chunks(partials_ptr, y_ptr, total, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
+    for s in range(CHUNKS):
         acc += tl.load(partials_ptr + s * total + offsets, mask=ok, other=0.0)
     tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_K, BLOCK_N, splits, num_warps), from the sweep in bench/kernels.py on an H100 (Llama-3-8B
-    shapes): ~1000 programs at batch 1 and ~260 above it, splitting the input channels when output columns are few."""
+def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_K, BLOCK_N, chunks, num_warps, stages), from the sweep of bench/kernels.py on an H100
+    (Llama-3-8B shapes, bench/results/kernels-h100-bf16.json): ~290 programs at batch 1, ~540 above it."""
     if rows == 1:
-        block_b, block_k, block_n, programs = 1, 128, 64, 1024
+        block_b, block_k, block_n, programs, stages = 1, 64, 128, 288, 1
     else:
-        block_b, block_k, block_n, programs = 16, 32, 256, 256
+        block_b, block_k, block_n, programs, stages = 16, 32, 128, 544, 3
     n_blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(programs, n_blocks), triton.cdiv(k, 2 * block_k)))
-    return block_b, block_k, block_n, splits, 4
+    chunks = max(1, min(triton.cdiv(programs, n_blocks), triton.cdiv(k, 2 * block_k)))
+    return block_b, block_k, block_n, chunks, 4, stages
 
 
 def sparse_gemv(
@@ -94,16 +120,22 @@ def sparse_gemv(
         raise ValueError(f"sparse_gemv takes at most {MAX_BATCH} rows, got {rows}")
     if wt.shape[0] != k or thresholds.shape[-1] != k:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}, thresholds {tuple(thresholds.shape)}")
-    block_b, block_k, block_n, splits, num_warps = config or _launch_config(rows, k, n)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), splits)
-    _sparse_gemv_partials[grid](
-        x, wt, thresholds, levels, partials,
-        rows, k, n, k_per_split, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
+    block_b, block_k, block_n, chunks, num_warps, stages = config or _launch_config(rows, k, n)
+    chunk = triton.cdiv(k, chunks)
+    chunks = triton.cdiv(k, chunk)
+    live = torch.empty(k, dtype=torch.int32, device=x.device)
+    values = torch.empty((rows, k), dtype=torch.float32, device=x.device)
+    counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
+    _compact_live_channels[(chunks,)](
+        x, thresholds, levels, live, values, counts, rows, k, chunk,
+        BLOCK_B=triton.next_power_of_2(max(rows, 2)), CHUNK=triton.next_power_of_2(chunk),
+    )
+    partials = torch.empty((chunks, rows, n), dtype=torch.float32, device=x.device)
+    _gather_gemv_partials[(triton.cdiv(n, block_n), chunks)](
+        wt, live, values, counts, partials, rows, k, n, chunk,
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps,
     )
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     total = rows * n
-    _sum_splits[(triton.cdiv(total, 1024),)](partials, y, total, SPLITS=splits, BLOCK=1024)
+    _sum_chunks[(triton.cdiv(total, 1024),)](partials, y, total, CHUNKS=chunks, BLOCK=1024)
     return y

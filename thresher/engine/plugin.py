@@ -1,0 +1,43 @@
+"""Registration with vLLM: model classes, and the runner hook that tells the model each token's sparsity level."""
+
+from __future__ import annotations
+
+import os
+
+SPARSE_ARCHITECTURES = {
+    "LlamaForCausalLM": "ThresherLlamaForCausalLM",
+    "MistralForCausalLM": "ThresherMistralForCausalLM",
+}
+# SamplingParams.extra_args key holding a request's sparsity level (a calibrated fraction; absent or 0.0 = dense).
+SPARSITY_EXTRA_ARG = "thresher_sparsity"
+
+
+def engine_overrides(model_path: str | os.PathLike, artifact_dir: str | os.PathLike) -> dict:
+    """`hf_overrides` that make vLLM build thresher's sparse class for this model and artifact.
+
+    The artifact is checked against the model here, in the calling process, so a mismatch fails before any
+    engine process starts, with an `ArtifactError` naming both models.
+    """
+    from pathlib import Path
+
+    from thresher.artifact import load_artifact, model_identity
+
+    path = Path(model_path)
+    identity = model_identity(path, path.name)
+    load_artifact(artifact_dir, model=identity)
+    architecture = identity.architecture
+    if architecture not in SPARSE_ARCHITECTURES:
+        raise ValueError(f"thresher has no sparse class for {architecture}; supported: {', '.join(SPARSE_ARCHITECTURES)}")
+    return {"architectures": [SPARSE_ARCHITECTURES[architecture]], "thresher_artifact": str(artifact_dir)}
+
+
+def register() -> None:
+    """Entry point of `vllm.general_plugins`; vLLM calls it in every process, possibly more than once."""
+    from vllm import ModelRegistry
+
+    for sparse_name in SPARSE_ARCHITECTURES.values():
+        if sparse_name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(sparse_name, f"thresher.engine.sparse_llama:{sparse_name}")
+    from thresher.engine.token_levels import install_runner_hook
+
+    install_runner_hook()
