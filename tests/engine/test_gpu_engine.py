@@ -1,0 +1,76 @@
+"""The plugin on a CUDA vLLM (GPU machine only): torch.compile + CUDA graphs, the Triton path for small decode
+batches, levels per request. A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic artifact:
+level 1 thresholds are 0 (every activation kept), level 2 thresholds are huge (every activation zeroed).
+"""
+
+import json
+
+import pytest
+import torch
+
+from thresher.artifact import GROUPS, Artifact, model_identity
+from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_llm(tmp_path_factory):
+    from vllm import LLM
+
+    model = tmp_path_factory.mktemp("llama8b-shape")
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    identity = model_identity(model, "llama8b-shape")
+    thresholds = {}
+    for layer in range(CONFIG["num_hidden_layers"]):
+        for group in GROUPS:
+            k = identity.in_features(group)
+            thresholds[f"layers.{layer}.{group}"] = torch.stack([torch.zeros(k), torch.zeros(k), torch.full((k,), 1e9)])
+    artifact = tmp_path_factory.mktemp("artifact")
+    Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THRESHER_MEASURE_SPARSITY", "1")
+        patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+        llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
+                  hf_overrides=engine_overrides(model, artifact),
+                  worker_extension_cls="thresher.engine.sparse_llama.ThresherWorkerExtension")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _generate(llm, levels, tokens=16):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=list(range(10 + i, 40 + i))) for i in range(len(levels))]
+    params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                             extra_args={SPARSITY_EXTRA_ARG: level}) for level in levels]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _sparsity(llm):
+    return llm.collective_rpc("thresher_decode_sparsity")[0]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_levels_reach_the_kernels_under_cuda_graphs(gpu_llm, batch):
+    _sparsity(gpu_llm)
+    kept = _generate(gpu_llm, [0.25] * batch)
+    assert _sparsity(gpu_llm) < 1e-4  # only activations that are exactly zero in bf16
+    zeroed = _generate(gpu_llm, [0.99] * batch)
+    assert _sparsity(gpu_llm) == pytest.approx(1.0)
+    # dummy weights make a degenerate model (it repeats itself either way), so the meter is the evidence here
+    assert all(len(t) == 16 for t in kept + zeroed)
+
+
+def test_a_kept_level_matches_level_zero(gpu_llm):
+    # level 0.25 here keeps every activation, like level 0: same function, same kernels, same tokens
+    assert _generate(gpu_llm, [0.25]) == _generate(gpu_llm, [0.0])
