@@ -62,11 +62,46 @@ class SparsityMeter(torch.nn.Module):
 
 
 class ThresherWorkerExtension:
-    """vLLM worker extension (`worker_extension_cls`): `llm.collective_rpc("thresher_decode_sparsity")` returns, per
-    worker, the weighted activation sparsity of decode tokens since the last call."""
+    """vLLM worker extension (`worker_extension_cls`), called through `llm.collective_rpc(name, args=...)`.
+
+    - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
+    - `thresher_record_decode_inputs(on)` and `thresher_fit_uniform_thresholds(levels)`: fit TEAL-uniform thresholds
+      (one per tensor) from the projection inputs of decode steps, inside the engine. For models that only exist
+      in the engine, such as `load_format="dummy"` speed benchmarks; needs `enforce_eager=True`, since hooks do not
+      run inside compiled graphs.
+    """
 
     def thresher_decode_sparsity(self) -> float:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
+
+    def thresher_record_decode_inputs(self, on: bool, max_decode_rows: int = 64, samples_per_call: int = 4096) -> None:
+        model = self.model_runner.get_model()
+        for handle in getattr(model, "_thresher_recorders", []):
+            handle.remove()
+        model._thresher_recorders = []
+        if not on:
+            return
+        model._thresher_samples = {}
+        for index, layer in enumerate(model.model.layers):
+            for group, (path, _sharded) in PROJECTIONS.items():
+                samples = model._thresher_samples.setdefault(f"layers.{index}.{group}", [])
+
+                def record(_module, args, samples=samples):
+                    x = args[0]
+                    if x.shape[0] <= max_decode_rows:  # decode steps only
+                        flat = x.detach().abs().float().flatten()
+                        pick = torch.randint(0, flat.numel(), (samples_per_call,), device=flat.device)
+                        samples.append(flat[pick].cpu())
+
+                model._thresher_recorders.append(layer.get_submodule(path).register_forward_pre_hook(record))
+
+    def thresher_fit_uniform_thresholds(self, levels: list[float]) -> dict[str, list[float]]:
+        model = self.model_runner.get_model()
+        fitted = {}
+        for name, samples in model._thresher_samples.items():
+            values = torch.cat(samples)
+            fitted[name] = [float(torch.quantile(values, level)) for level in levels]
+        return fitted
 
 
 class ThresholdedLinearMethod(LinearMethodBase):

@@ -1,0 +1,133 @@
+"""Decode throughput of the thresher vLLM engine against stock vLLM, same run (GPU machine).
+
+    python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16]
+
+Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
+torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, V1 model runner for both engines.
+Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
+the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
+the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is the
+level's quantile of its recorded decode inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # thresher's per-token levels hook the V1 runner
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+import torch  # noqa: E402
+
+from thresher.artifact import GROUPS, Artifact, model_identity  # noqa: E402
+from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides  # noqa: E402
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+EXTENSION = "thresher.engine.sparse_llama.ThresherWorkerExtension"
+PROMPT_TOKENS, NEW_TOKENS = 64, 256
+
+
+def _engine(model: Path, **kwargs):
+    from vllm import LLM
+
+    return LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024,
+               max_num_seqs=16, gpu_memory_utilization=0.85, seed=0, **kwargs)
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _prompts(batch: int):
+    from vllm.inputs import TokensPrompt
+
+    g = torch.Generator().manual_seed(batch)
+    return [TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (PROMPT_TOKENS,), generator=g).tolist())
+            for _ in range(batch)]
+
+
+def _decode(llm, batch: int, level: float | None, new_tokens: int = NEW_TOKENS) -> float:
+    """Seconds for one greedy generate of `batch` prompts."""
+    from vllm import SamplingParams
+
+    extra = {SPARSITY_EXTRA_ARG: level} if level is not None else None
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+    start = time.perf_counter()
+    llm.generate(_prompts(batch), params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
+    identity = model_identity(model, "llama3-8b-shape-dummy")
+    zeros = {f"layers.{i}.{g}": torch.zeros(1 + len(levels), identity.in_features(g))
+             for i in range(identity.num_layers) for g in GROUPS}
+    placeholder = out / "placeholder"
+    Artifact(identity, [0.0, *levels], "teal-uniform", zeros).save(placeholder)
+    llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, placeholder),
+                  worker_extension_cls=EXTENSION)
+    llm.collective_rpc("thresher_record_decode_inputs", args=(True,))
+    _decode(llm, 8, 0.0, new_tokens=32)
+    fitted = llm.collective_rpc("thresher_fit_uniform_thresholds", args=(levels,))[0]
+    _shutdown(llm)
+    thresholds = {}
+    for name, values in fitted.items():
+        k = zeros[name].shape[1]
+        thresholds[name] = torch.stack([torch.zeros(k)] + [torch.full((k,), v) for v in values])
+    fitted_dir = out / "fitted"
+    Artifact(identity, [0.0, *levels], "teal-uniform", thresholds).save(fitted_dir)
+    return fitted_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/decode.json")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--levels", default="0.25,0.4,0.5")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    levels = [float(x) for x in args.levels.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="thresher-decode-"))
+    model = work / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA3_8B | {"num_hidden_layers": args.layers}))
+    artifact = fit_artifact(model, levels, work)
+
+    results = {"device": torch.cuda.get_device_name(), "model": f"Llama-3-8B shape, {args.layers} layers, dummy bf16",
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rows": []}
+    stock = _engine(model)
+    _decode(stock, 1, None, new_tokens=16)
+    dense = {b: b * NEW_TOKENS / _decode(stock, b, None) for b in batches}
+    _shutdown(stock)
+    sparse = _engine(model, hf_overrides=engine_overrides(model, artifact), worker_extension_cls=EXTENSION)
+    _decode(sparse, 1, 0.0, new_tokens=16)
+    for batch in batches:
+        results["rows"].append({"batch": batch, "level": "stock vLLM", "tok_s": round(dense[batch], 1), "ratio": 1.0})
+        for level in [0.0, *levels]:
+            tok_s = batch * NEW_TOKENS / _decode(sparse, batch, level)
+            results["rows"].append({"batch": batch, "level": level, "tok_s": round(tok_s, 1),
+                                    "ratio": round(tok_s / dense[batch], 3)})
+    _shutdown(sparse)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{results['device']}, {results['model']}, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy")
+    print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9}")
+    for row in results["rows"]:
+        print(f"{row['batch']:>5} {str(row['level']):>12} {row['tok_s']:>9} {row['ratio']:>9}")
+
+
+if __name__ == "__main__":
+    main()
