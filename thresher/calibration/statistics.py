@@ -59,12 +59,11 @@ class ChannelHistogram:
     out_features: int  # weight elements read per input channel (rows of the group's weight)
     counts: torch.Tensor  # [in_features, NUM_BINS] float64
     costs: torch.Tensor  # [in_features, NUM_BINS] float64
-    energies: torch.Tensor  # [in_features, NUM_BINS] float64: summed x^2, the output error of zeroing (per |W_c|^2)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int) -> "ChannelHistogram":
         zeros = torch.zeros(in_features, NUM_BINS, dtype=torch.float64)
-        return cls(out_features=out_features, counts=zeros, costs=zeros.clone(), energies=zeros.clone())
+        return cls(out_features=out_features, counts=zeros, costs=zeros.clone())
 
     @property
     def in_features(self) -> int:
@@ -74,7 +73,6 @@ class ChannelHistogram:
         x = x.detach().reshape(-1, self.in_features)
         flat = (bin_index(x.abs()) + torch.arange(self.in_features) * NUM_BINS).view(-1)
         self.counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
-        self.energies.view(-1).index_add_(0, flat, x.double().square().view(-1))
         if grad is not None:
             cost = (grad.detach().reshape(-1, self.in_features).double() * x.double()).square()
             self.costs.view(-1).index_add_(0, flat, cost.view(-1))
