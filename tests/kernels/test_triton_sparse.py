@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from thresher.kernels.reference import sparse_linear_reference  # noqa: E402
-from thresher.kernels.triton_sparse import sparse_gemv  # noqa: E402
+from thresher.kernels.reference import threshold_activations  # noqa: E402
+from thresher.kernels.triton_sparse import sparse_gemv, threshold_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small on the CPU interpreter; the GPU run adds Llama-3-8B shapes.
@@ -80,3 +81,10 @@ def test_more_than_sixteen_rows_is_refused():
     x, w, thresholds, _ = _case(17, 64, 96, torch.float16)
     with pytest.raises(ValueError, match="at most 16 rows"):
         sparse_gemv(x, w.t().contiguous(), thresholds, torch.zeros(17, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "k"), [(1, 100), (7, 1500), (64, 64)])
+def test_threshold_rows_equals_the_reference_exactly(rows, k, dtype):
+    x, _, thresholds, levels = _case(rows, k, 8, dtype)
+    assert torch.equal(threshold_rows(x, thresholds, levels), threshold_activations(x, thresholds[levels]))

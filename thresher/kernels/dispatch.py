@@ -38,6 +38,10 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tenso
         from thresher.kernels.triton_sparse import sparse_gemv
 
         return sparse_gemv(x.contiguous(), weight.t(), thresholds, levels)
+    if x.is_cuda:
+        from thresher.kernels.triton_sparse import threshold_rows
+
+        return torch.nn.functional.linear(threshold_rows(x.contiguous(), thresholds, levels), weight)
     return torch.nn.functional.linear(threshold_activations(x, thresholds[levels]), weight)
 
 

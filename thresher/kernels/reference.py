@@ -21,7 +21,9 @@ def threshold_activations(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Te
 
     `thresholds` is `[in_features]` (one level for all rows) or broadcastable to `x` (one vector per row).
     """
-    return torch.where(x.abs() > thresholds.to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # compared in fp32, as the kernels do: a threshold rounded to bf16 would move the cut
+    keep = x.abs().float() > thresholds.float()
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def sparse_linear_reference(

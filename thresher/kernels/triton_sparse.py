@@ -96,6 +96,27 @@ def _sum_chunks(partials_ptr, y_ptr, total, CHUNKS: tl.constexpr, BLOCK: tl.cons
     tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _threshold_rows(x_ptr, thresholds_ptr, levels_ptr, y_ptr, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = ks < K
+    level = tl.load(levels_ptr + row)
+    x = tl.load(x_ptr + row * K + ks, mask=ok, other=0.0)
+    t = tl.load(thresholds_ptr + level * K + ks, mask=ok, other=0.0)
+    tl.store(y_ptr + row * K + ks, tl.where(tl.abs(x.to(tl.float32)) > t, x, 0.0), mask=ok)
+
+
+def threshold_rows(x: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """`reference.threshold_activations(x, thresholds[levels])` in one pass, without materialising the per-row
+    threshold matrix: the input side of the dense path above the crossover batch."""
+    rows, k = x.shape
+    y = torch.empty_like(x)
+    if rows:
+        _threshold_rows[(rows, triton.cdiv(k, 1024))](x, thresholds, levels, y, k, BLOCK=1024)
+    return y
+
+
 def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_B, BLOCK_K, BLOCK_N, chunks, num_warps, stages), from the sweep of bench/kernels.py on an H100
     (Llama-3-8B shapes, bench/results/kernels-h100-bf16.json): ~290 programs at batch 1, ~540 above it."""
