@@ -93,6 +93,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def level_index(levels: list[float], level: float) -> int:
+    """Index of a calibrated level; anything else is an error naming the levels on offer."""
+    for index, candidate in enumerate(levels):
+        if abs(candidate - level) < 1e-6:
+            return index
+    raise ArtifactError(f"sparsity level {level} was not calibrated; available levels: {levels}")
+
+
 @dataclass
 class Artifact:
     """An artifact in memory: model identity, levels (levels[0] == 0.0), method and threshold tables."""
@@ -105,11 +113,7 @@ class Artifact:
     path: Path | None = None
 
     def level_index(self, level: float) -> int:
-        """Index of a calibrated level; anything else is an error naming the levels on offer."""
-        for index, candidate in enumerate(self.levels):
-            if abs(candidate - level) < 1e-6:
-                return index
-        raise ArtifactError(f"sparsity level {level} was not calibrated; available levels: {self.levels}")
+        return level_index(self.levels, level)
 
     def validate(self) -> None:
         if not self.levels or self.levels[0] != 0.0 or sorted(self.levels) != self.levels:

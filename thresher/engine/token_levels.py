@@ -13,6 +13,8 @@ import logging
 import numpy as np
 import torch
 
+from thresher.artifact import ArtifactError, level_index
+
 log = logging.getLogger(__name__)
 
 
@@ -28,13 +30,12 @@ class TokenLevels:
         from thresher.engine.plugin import SPARSITY_EXTRA_ARG
 
         extra = getattr(sampling_params, "extra_args", None) or {}
-        level = float(extra.get(SPARSITY_EXTRA_ARG, 0.0) or 0.0)
-        for index, candidate in enumerate(self.levels):
-            if abs(candidate - level) < 1e-6:
-                return index
-        # The server validates levels before a request reaches the engine; a stray one must not kill the worker.
-        log.error("sparsity %s was not calibrated (levels %s); running the request dense", level, self.levels)
-        return 0
+        try:
+            return level_index(self.levels, float(extra.get(SPARSITY_EXTRA_ARG, 0.0) or 0.0))
+        except ArtifactError as error:
+            # The server validates levels before a request reaches the engine; a stray one must not kill the worker.
+            log.error("%s; running the request dense", error)
+            return 0
 
     def update(self, requests: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         per_request = np.array(
