@@ -1,7 +1,10 @@
-"""The calibration artifact: a directory with a manifest, thresholds and (later) SAEs and steering vectors.
+"""The calibration artifact: a directory with a manifest, thresholds, an SAE and steering vectors.
 
     manifest.json           format, thresher version, model identity, levels, method, sha256 of every file
     thresholds.safetensors  per tensor `layers.<i>.<group>`: float32 [levels, in_features], row 0 = level 0 (dense)
+    sae/layer_<L>/          the SAE in the SAELens layout (`thresher.sae`)        } optional; read through
+    features.json           the feature catalog                                   } `thresher.steering`
+    vectors/                vectors.safetensors + vectors.json (named vectors)    }
     report.json, report.png the quality report
 
 Loading checks every file's sha256 and every tensor's shape, and, given a model, that the artifact was fitted on
@@ -26,6 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.safetensors"
 GROUPS = ("qkv", "o", "gate_up", "down")
+STEERING_ENTRIES = ("sae", "features.json", "vectors")
 
 
 class ArtifactError(ValueError):
@@ -93,6 +97,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _artifact_files(directory: Path) -> list[str]:
+    """The files a manifest covers: thresholds and whatever steering assets the directory holds."""
+    names = [THRESHOLDS]
+    for entry in STEERING_ENTRIES:
+        path = directory / entry
+        if path.is_file():
+            names.append(entry)
+        elif path.is_dir():
+            names.extend(sorted(str(f.relative_to(directory)) for f in path.rglob("*") if f.is_file()))
+    return names
+
+
 def level_index(levels: list[float], level: float) -> int:
     """Index of a calibrated level; anything else is an error naming the levels on offer."""
     for index, candidate in enumerate(levels):
@@ -155,7 +171,7 @@ class Artifact:
             "levels": self.levels,
             "method": self.method,
             "calibration": self.calibration,
-            "files": {THRESHOLDS: _sha256(directory / THRESHOLDS)},
+            "files": {name: _sha256(directory / name) for name in _artifact_files(directory)},
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         self.path = directory

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from thresher.calibration.pipeline import DEFAULT_LEVELS, calibrate, evaluate_artifacts
+from thresher.calibration.pipeline import DEFAULT_LEVELS, SAEOptions, calibrate, evaluate_artifacts
 from thresher.calibration.report import print_report
 from thresher.calibration.thresholds import METHODS
 
@@ -64,18 +64,35 @@ def calibrate_command(
     method: Annotated[str, typer.Option(help=f"Threshold method: {' or '.join(METHODS)}.")] = METHODS[0],
     max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
+    sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
+    sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
+                                                          "writes; default: the middle layer.")] = None,
+    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = 131072,
+    sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = 8,
+    sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = 32,
+    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = 8,
+    steering_pairs: Annotated[Optional[Path], typer.Option(
+        help='jsonl of {"name", "positive", "negative"} texts for contrastive steering vectors; '
+             "default: the built-in formal / positive / terse pairs.")] = None,
 ) -> None:
-    """Fit per-channel activation thresholds for several sparsity levels and write an artifact with a report."""
+    """Fit per-channel activation thresholds for several sparsity levels, train an SAE with a feature catalog and
+    steering vectors, and write one artifact with a quality report."""
     from thresher.artifact import ArtifactError
+    from thresher.calibration.sae_training import TrainingConfig
     from thresher.data import DataError
     from thresher.models import ModelError
+    from thresher.sae import SAEError
 
     if method not in METHODS:
         raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}", param_hint="--method")
+    options = None
+    if sae:
+        options = SAEOptions(layer=sae_layer, tokens=sae_tokens, pairs=steering_pairs,
+                             training=TrainingConfig(expansion=sae_expansion, k=sae_k, epochs=sae_epochs))
     try:
         report = calibrate(model, out, data_path=data, levels=_parse_levels(levels), method=method,
-                           max_tokens=max_tokens, eval_tokens=eval_tokens)
-    except (ModelError, DataError, ArtifactError, ValueError) as error:
+                           max_tokens=max_tokens, eval_tokens=eval_tokens, sae=options)
+    except (ModelError, DataError, ArtifactError, SAEError, ValueError) as error:
         _fail_on_user_error(error)
     if report:
         print_report(report, console)
@@ -105,3 +122,92 @@ def eval_command(
         print(json.dumps(report))
     else:
         print_report(report, console)
+
+
+def _parse_engine_args(pairs: list[str]) -> dict:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--engine-arg")
+        try:
+            parsed[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.replace("-", "_")] = value
+    return parsed
+
+
+def _default_artifact(model: str | None, artifact: Path | None):
+    """The model to serve and its artifact: the one given, else the cached one, calibrated on first use."""
+    from thresher.artifact import model_identity
+    from thresher.models import resolve_model, thresher_home
+
+    resolved = resolve_model(model)
+    if artifact is not None:
+        return resolved, Path(artifact)
+    identity = model_identity(resolved.path, resolved.name)
+    cached = thresher_home() / "artifacts" / f"{resolved.name}-{identity.fingerprint}"
+    if not (cached / "manifest.json").is_file():
+        console.print(f"no artifact for {resolved.name} yet: calibrating it once into {cached} (about 10 minutes "
+                      "on 2 CPU cores; cached afterwards)")
+        staging = cached.with_name(cached.name + ".partial")
+        calibrate(model, staging, sae=SAEOptions())
+        staging.rename(cached)
+    return resolved, cached
+
+
+@app.command("serve")
+def serve_command(
+    model: ModelOption = None,
+    artifact: Annotated[Optional[Path], typer.Option(
+        help="Artifact directory from `thresher calibrate`; default: the model's cached artifact, calibrated on "
+             "first use.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="THRESHER_API_KEY",
+                                                   help="Require 'Authorization: Bearer <key>' on /v1.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients send; default: the "
+                                                                  "model's name.")] = None,
+    sparsity: Annotated[float, typer.Option(help="Default sparsity level for requests that name none (one of the "
+                                                 "artifact's levels; 0 = dense).")] = 0.0,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length; default: the model's.")] = None,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
+        help="Fraction of accelerator memory (on CPU: of RAM) for weights and KV cache; default 0.9 on GPU, "
+             "0.3 on CPU.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
+    dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
+    enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile and CUDA graphs: faster start, slower "
+                                                     "decode.")] = False,
+    engine_arg: Annotated[list[str], typer.Option(help="Any other vLLM engine argument as KEY=VALUE (JSON "
+                                                       "values), repeatable.")] = [],  # noqa: B006
+) -> None:
+    """Serve the model with OpenAI-compatible endpoints, sparsity levels and steering (vLLM engine)."""
+    import torch
+    import uvicorn
+
+    from thresher.artifact import ArtifactError
+    from thresher.data import DataError
+    from thresher.models import ModelError
+    from thresher.sae import SAEError
+    from thresher.server.app import create_app
+    from thresher.server.serving import ServeSettings
+
+    try:
+        resolved, artifact_dir = _default_artifact(model, artifact)
+        settings = ServeSettings(
+            model_path=resolved.path, artifact_dir=artifact_dir, served_model_name=served_model_name or resolved.name,
+            default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key,
+            engine_args={
+                "tensor_parallel_size": tensor_parallel_size,
+                "gpu_memory_utilization": gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3),
+                "max_num_seqs": max_num_seqs, "dtype": dtype, "enforce_eager": enforce_eager,
+                **_parse_engine_args(engine_arg),
+            },
+        )
+        application = create_app(settings)
+    except (ModelError, DataError, ArtifactError, SAEError, ValueError) as error:
+        _fail_on_user_error(error)
+    console.print(f"serving [bold]{settings.served_model_name}[/] on http://{host}:{port}/v1 "
+                  f"(artifact {artifact_dir}); /health turns 200 when the engine is ready")
+    uvicorn.run(application, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)

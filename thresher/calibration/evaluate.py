@@ -82,3 +82,23 @@ def evaluate_levels(model, windows, thresholds: dict[str, torch.Tensor], levels:
             ppl = perplexity(model, windows, desc=f"perplexity at {level:.0%}")
         results.append({"level": level, "measured_sparsity": round(meter.sparsity, 4), "perplexity": ppl})
     return results
+
+
+@contextlib.contextmanager
+def sae_spliced(model, sae):
+    """Within the block, the output of decoder layer `sae.hook_layer` is replaced by the SAE's reconstruction,
+    except at attention sinks, which SAEs are not trained on."""
+    from thresher.calibration.sae_training import attention_sink_mask
+
+    def splice(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        keep = attention_sink_mask(flat.float())
+        spliced = torch.where(keep[:, None], sae(flat.float()).to(flat.dtype), flat).reshape(hidden.shape)
+        return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
+
+    handle = model.model.layers[sae.hook_layer].register_forward_hook(splice)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from thresher import data
-from thresher.artifact import Artifact, load_artifact, model_identity
-from thresher.calibration.evaluate import evaluate_levels, perplexity
+from thresher.artifact import STEERING_ENTRIES, Artifact, load_artifact, model_identity
+from thresher.calibration.catalog import build_feature_catalog
+from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
+from thresher.calibration.sae_training import (TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
+                                               train_topk_sae)
 from thresher.calibration.statistics import collect_activation_statistics
 from thresher.calibration.thresholds import fit_channel_thresholds
+from thresher.calibration.vectors import contrastive_vectors, read_pairs
 from thresher.models import DEFAULT_MODEL, load_hf_model, resolve_model
+from thresher.sae import SparseAutoencoder
+from thresher.steering import FEATURES, SAE_DIR, VECTORS_META, VECTORS_TENSORS, SteeringAssets
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +39,47 @@ def _windows(texts: list[str], tokenizer, max_tokens: int, what: str) -> list[li
     return windows
 
 
+@dataclass
+class SAEOptions:
+    """What `thresher calibrate` trains for steering: a TopK SAE after `layer` (default: the middle layer),
+    its feature catalog, and contrastive vectors from `pairs` (default: the built-in set)."""
+
+    layer: int | None = None
+    tokens: int = 131072
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    pairs: str | Path | None = None
+
+
+def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: Path, model_name: str) -> dict:
+    """Train the SAE, build its catalog and the vectors, and write them into `out` (replacing older ones)."""
+    layer = model.config.num_hidden_layers // 2 if options.layer is None else options.layer
+    residuals = collect_residuals(model, windows, layer)
+    keep = attention_sink_mask(residuals.vectors)
+    log.info("SAE on layer %d: %d residuals (%d attention-sink tokens left out)", layer, int(keep.sum()),
+             int((~keep).sum()))
+    training_set = residuals.vectors[keep]
+    sae = train_topk_sae(type(residuals)(layer, training_set, residuals.token_ids[keep], residuals.window_length),
+                         options.training, model_name)
+    catalog = build_feature_catalog(sae, residuals, tokenizer, keep)
+    residual_norm = float(training_set.norm(dim=1).median())
+    vectors, vector_info = contrastive_vectors(model, tokenizer, read_pairs(options.pairs), layer, residual_norm)
+    source = str(options.pairs) if options.pairs else "built-in pairs"
+    for info in vector_info.values():
+        info["source"] = source
+
+    from safetensors.torch import save_file
+
+    for entry in STEERING_ENTRIES:
+        path = out / entry
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    sae.save(out / SAE_DIR / f"layer_{layer}")
+    (out / FEATURES).write_text(json.dumps({"layer": layer, "d_sae": sae.d_sae, "features": catalog}) + "\n")
+    (out / VECTORS_TENSORS).parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: v.contiguous() for name, v in vectors.items()}, out / VECTORS_TENSORS)
+    (out / VECTORS_META).write_text(json.dumps(vector_info, indent=2) + "\n")
+    return {"layer": layer, "tokens": int(keep.sum()), "live_features": len(catalog), "vectors": sorted(vectors)}
+
+
 def calibrate(
     model: str | None,
     out: str | Path,
@@ -36,8 +88,10 @@ def calibrate(
     method: str = "channel-greedy",
     max_tokens: int = 16384,
     eval_tokens: int = 4096,
+    sae: SAEOptions | None = None,
 ) -> dict:
-    """Fit thresholds on calibration text, write the artifact to `out`, and a quick quality report beside it."""
+    """Fit thresholds (and, with `sae`, the steering assets) on calibration text, write the artifact to `out`,
+    and a quick quality report beside it."""
     levels = tuple(sorted(levels))
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
@@ -47,6 +101,12 @@ def calibrate(
     windows = _windows(data.load_texts(data_path, "calibration"), tokenizer, max_tokens, "calibration")
     stats = collect_activation_statistics(hf_model, windows)
     thresholds, reached = fit_channel_thresholds(stats, list(levels), method)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steering = {}
+    if sae is not None:
+        sae_windows = _windows(data.load_texts(data_path, "calibration"), tokenizer, sae.tokens, "calibration")
+        steering = _write_steering_assets(hf_model, tokenizer, sae_windows, sae, out, resolved.name)
     artifact = Artifact(
         model=model_identity(resolved.path, resolved.name),
         levels=[0.0, *levels],
@@ -57,6 +117,7 @@ def calibrate(
             "tokens": stats.tokens,
             "data": str(data_path) if data_path else "embedded Wikipedia sample (calibration split)",
             "calibration_sparsity": [round(r, 4) for r in reached],
+            "steering": steering,
             "seconds": round(time.monotonic() - started, 1),
         },
     )
@@ -101,5 +162,26 @@ def evaluate_artifacts(
     for artifact in loaded:
         for entry in evaluate_levels(hf_model, windows, artifact.thresholds, artifact.levels[1:]):
             report["levels"].append({"level": entry["level"], "method": artifact.method, **entry})
+    assets = SteeringAssets(first.path, identity.hidden_size)
+    if assets.sae is not None:
+        report["sae"] = evaluate_sae(hf_model, windows, assets.sae, report["dense"]["perplexity"])
     write_report(report, report_dir or first.path)
     return report
+
+
+def evaluate_sae(model, windows: list[list[int]], sae: SparseAutoencoder, dense_perplexity: float) -> dict:
+    """Held-out SAE quality: FVU, L0 and dead features on the residuals (sinks left out), and the perplexity
+    increase when the reconstruction replaces the layer's output."""
+    residuals = collect_residuals(model, windows, sae.hook_layer, desc="held-out residual stream")
+    quality = measure_sae(sae, residuals.vectors[attention_sink_mask(residuals.vectors)])
+    with torch.no_grad(), sae_spliced(model, sae):
+        spliced = perplexity(model, windows, desc="perplexity, SAE spliced")
+    return {
+        "layer": sae.hook_layer,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "fvu": round(quality.fvu, 4),
+        "l0": round(quality.l0, 2),
+        "dead_fraction": round(quality.dead_fraction, 4),
+        "perplexity_increase": round(spliced / dense_perplexity - 1, 4),
+    }

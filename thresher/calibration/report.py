@@ -47,4 +47,10 @@ def print_report(report: dict, console: Console | None = None) -> None:
     for e in report["levels"]:
         table.add_row(e["method"], f"{e['level']:.0%}", f"{e['measured_sparsity']:.1%}", f"{e['perplexity']:.3f}",
                       f"{e['perplexity'] / dense - 1:+.1%}")
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    if "sae" in report:
+        sae = report["sae"]
+        console.print(f"SAE after layer {sae['layer']} ({sae['d_sae']} latents, k={sae['k']}): held-out FVU "
+                      f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%}, perplexity "
+                      f"{sae['perplexity_increase']:+.1%} with the reconstruction spliced in")

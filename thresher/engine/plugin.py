@@ -31,6 +31,21 @@ def engine_overrides(model_path: str | os.PathLike, artifact_dir: str | os.PathL
     return {"architectures": [SPARSE_ARCHITECTURES[architecture]], "thresher_artifact": str(artifact_dir)}
 
 
+def request_extras(sparsity: float, steering=None) -> tuple[dict, str | None]:
+    """A request's `SamplingParams.extra_args` and prompt `cache_salt` for a sparsity level and a steering spec.
+
+    The salt keeps the prefix cache from serving KV computed under one steering spec to a request with another
+    (or none); sparsity needs none, since prefill runs dense at every level.
+    """
+    from thresher.steering import STEERING_EXTRA_ARG
+
+    extra_args = {SPARSITY_EXTRA_ARG: sparsity}
+    if steering is None or steering.is_empty():
+        return extra_args, None
+    extra_args[STEERING_EXTRA_ARG] = steering.model_dump()
+    return extra_args, steering.cache_key()
+
+
 def register() -> None:
     """Entry point of `vllm.general_plugins`; vLLM calls it in every process, possibly more than once."""
     from vllm import ModelRegistry

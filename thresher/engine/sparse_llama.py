@@ -20,8 +20,10 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from thresher.artifact import load_artifact, model_identity
 from thresher.engine.token_levels import TokenLevels, activate
+from thresher.engine.token_steering import TokenSteering, install_steering
 from thresher.kernels.dispatch import sparse_linear
 from thresher.kernels.reference import threshold_activations
+from thresher.steering import SteeringAssets
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,15 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
         device = next(self.parameters()).device
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.token_levels = TokenLevels(artifact.levels, max_tokens, device)
-        activate(self.token_levels)
+        per_token_states = [self.token_levels]
+        assets = SteeringAssets(artifact_dir, hf_config.hidden_size)
+        if assets.available:
+            dtype = next(self.parameters()).dtype
+            steering = TokenSteering(assets, max_tokens, vllm_config.scheduler_config.max_num_seqs, dtype, device)
+            install_steering(self.model.layers[assets.layer], steering)
+            per_token_states.append(steering)
+            log.info("thresher: per-request steering after layer %d", assets.layer)
+        activate(*per_token_states)
         self.sparsity_meter = SparsityMeter(device)
         rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         for index, layer in enumerate(self.model.layers):

@@ -49,12 +49,13 @@ class TokenLevels:
         self.buffer.copy_(torch.from_numpy(self._host), non_blocking=True)
 
 
-_active: TokenLevels | None = None
+# Per-token states of the model in this process (levels, steering): each has
+# `update(requests, req_ids, num_scheduled_tokens)`, called before every forward.
+_active: list = []
 
 
-def activate(state: TokenLevels) -> None:
-    global _active
-    _active = state
+def activate(*states) -> None:
+    _active[:] = states
 
 
 def install_runner_hook() -> None:
@@ -67,9 +68,9 @@ def install_runner_hook() -> None:
 
     def prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        if _active is not None:
-            num_reqs = self.input_batch.num_reqs
-            _active.update(self.requests, self.input_batch.req_ids[:num_reqs], num_scheduled_tokens[:num_reqs])
+        num_reqs = self.input_batch.num_reqs
+        for state in _active:
+            state.update(self.requests, self.input_batch.req_ids[:num_reqs], num_scheduled_tokens[:num_reqs])
         return result
 
     prepare_inputs._thresher_hooked = True

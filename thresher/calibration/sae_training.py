@@ -1,0 +1,189 @@
+"""Training a TopK SAE on the residual stream after one decoder layer.
+
+Residuals are gathered by a forward pass that stops after layer L, into a tensor preallocated for the token budget
+(bounded memory: budget x hidden floats). Training follows the TopK recipe of Gao et al. (2024): decoder rows
+kept at unit norm (with the gradient component along each row removed), the decoder bias initialised at the
+geometric median of the data, and an auxiliary loss (AuxK) that lets dead latents model the residual error so they
+come back to life. Inputs are scaled to unit mean squared norm per dimension while training and the scale is
+folded back into the weights at the end, so the saved SAE reads raw residuals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from thresher.sae import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Residuals:
+    """Residual-stream vectors after layer `layer`, with the token ids and window they came from."""
+
+    layer: int
+    vectors: torch.Tensor  # [tokens, hidden] float32
+    token_ids: torch.Tensor  # [tokens] int64
+    window_length: int  # vectors are whole windows, row-major: token t sits in window t // window_length
+
+
+@torch.no_grad()
+def collect_residuals(model, windows: list[list[int]], layer: int, batch_size: int = 8,
+                      desc: str = "residual stream") -> Residuals:
+    """The output of decoder layer `layer` for every token of the windows (the forward stops after that layer)."""
+    layers = model.model.layers
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has decoder layers 0..{len(layers) - 1}")
+    window_length = len(windows[0])
+    total = len(windows) * window_length
+    vectors = torch.empty(total, model.config.hidden_size)
+    captured = []
+
+    def capture(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured.append(hidden.reshape(-1, hidden.shape[-1]).float())
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(capture)
+    filled = 0
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+            try:
+                model.model(torch.tensor(windows[start : start + batch_size]))
+            except _StopForward:
+                pass
+            block = captured.pop()
+            vectors[filled : filled + block.shape[0]] = block
+            filled += block.shape[0]
+    finally:
+        handle.remove()
+    token_ids = torch.tensor([t for window in windows for t in window], dtype=torch.long)
+    return Residuals(layer, vectors, token_ids, window_length)
+
+
+def attention_sink_mask(vectors: torch.Tensor, factor: float = 8.0) -> torch.Tensor:
+    """True for ordinary tokens; False for attention sinks, whose residual norm is ~100x the median.
+
+    Sinks (the first token of a sequence, and a few others) would dominate the variance an SAE is trained and
+    measured on; SAEs leave them out, as they leave out BOS.
+    """
+    norms = vectors.norm(dim=1)
+    return norms <= factor * norms.median()
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance (robust to outlier tokens)."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-6)
+        median = (weights[:, None] * points).sum(dim=0) / weights.sum()
+    return median
+
+
+@dataclass
+class TrainingConfig:
+    expansion: int = 8
+    k: int = 32
+    epochs: int = 8
+    batch_size: int = 256  # small batches: many updates from the ~130k tokens a CPU can gather in minutes
+    learning_rate: float = 1e-3
+    aux_k: int = 256
+    aux_coefficient: float = 1 / 32
+    dead_after_tokens: int = 200_000  # a latent silent this long counts as dead for AuxK
+    seed: int = 0
+
+
+def _auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+               aux_k: int) -> torch.Tensor:
+    """How well the top `aux_k` dead latents reconstruct what the live ones missed (normalised by the error)."""
+    count = int(dead.sum())
+    if count == 0:
+        return pre.new_zeros(())
+    top = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, count), dim=-1)
+    reconstruction = sae.decode_sparse(top.indices, top.values.relu()) - sae.b_dec
+    return (reconstruction - error).square().sum(dim=-1).mean() / error.square().sum(dim=-1).mean().clamp_min(1e-8)
+
+
+def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str = "") -> SparseAutoencoder:
+    """Fit a TopK SAE to `residuals.vectors`; returns it in raw residual units."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    data = residuals.vectors
+    d_in = data.shape[1]
+    scale = float(data.square().sum(dim=1).mean().sqrt()) / math.sqrt(d_in)
+    sae = SparseAutoencoder(d_in, config.expansion * d_in, config.k, residuals.layer, "topk", model_name)
+    subsample = data[torch.randperm(len(data), generator=generator)[:8192]] / scale
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(subsample))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=6.25e-10)
+    steps_per_epoch = max(1, len(data) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    # linear decay over the last fifth, as in the TopK recipe
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, 5.0 * (total_steps - step) / total_steps))
+    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    progress = tqdm(total=total_steps, desc=f"SAE layer {residuals.layer}", unit="step", leave=False)
+    for _epoch in range(config.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = data[order[step * config.batch_size : (step + 1) * config.batch_size]] / scale
+            pre = sae.pre_activations(batch)
+            top = pre.topk(config.k, dim=-1)
+            values = top.values.relu()
+            error = batch - sae.decode_sparse(top.indices, values)
+            mse = error.square().sum(dim=-1).mean() / (batch - batch.mean(dim=0)).square().sum(dim=-1).mean()
+            fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+            fired[top.indices[values > 0]] = True
+            tokens_since_fired += len(batch)
+            tokens_since_fired[fired] = 0
+            dead = tokens_since_fired > config.dead_after_tokens
+            loss = mse + config.aux_coefficient * _auxk_loss(sae, pre, error.detach(), dead, config.aux_k)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                # keep unit-norm rows: drop the gradient component that would only change a row's norm
+                rows = sae.W_dec
+                rows.grad -= (rows.grad * rows).sum(dim=1, keepdim=True) * rows
+            optimizer.step()
+            schedule.step()
+            sae.normalize_decoder()
+            progress.update()
+            progress.set_postfix(fvu=f"{mse.item():.3f}", dead=int(dead.sum()))
+    progress.close()
+    with torch.no_grad():
+        sae.b_enc.mul_(scale)
+        sae.b_dec.mul_(scale)
+    return sae
+
+
+@dataclass
+class SAEQuality:
+    fvu: float  # fraction of variance unexplained on held-out residuals
+    l0: float  # mean active latents per token
+    dead_fraction: float  # latents that never fire on the held-out residuals
+    density: torch.Tensor  # [d_sae] fraction of tokens each latent fires on
+
+
+@torch.no_grad()
+def measure_sae(sae: SparseAutoencoder, vectors: torch.Tensor, batch_size: int = 4096) -> SAEQuality:
+    squared_error, fired, active = 0.0, torch.zeros(sae.d_sae), 0.0
+    for start in range(0, len(vectors), batch_size):
+        batch = vectors[start : start + batch_size]
+        codes = sae.encode(batch)
+        squared_error += float((sae.decode(codes) - batch).square().sum())
+        on = codes > 0
+        fired += on.sum(dim=0)
+        active += float(on.sum())
+    variance = float((vectors - vectors.mean(dim=0)).square().sum())
+    density = fired / len(vectors)
+    return SAEQuality(fvu=squared_error / variance, l0=active / len(vectors),
+                      dead_fraction=float((fired == 0).float().mean()), density=density)

@@ -1,0 +1,94 @@
+"""Per-request steering inside a continuous batch.
+
+Each distinct steering spec in the running batch owns a slot: a row of a direction table `[slots, hidden]` whose
+row 0 is zeros (unsteered). Before each forward, the runner hook writes every scheduled token's slot into a
+per-token buffer, and the steered decoder layer adds `table[slot]` to its residual output. Both tensors are fixed
+buffers updated in place, so compiled graphs and CUDA graphs read fresh values each step; an unsteered token adds
+exact zeros, so its numbers are those of an unsteered run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+
+from thresher.steering import STEERING_EXTRA_ARG, SteeringAssets, SteeringError
+
+log = logging.getLogger(__name__)
+
+
+class TokenSteering:
+    """The slot table of one model instance; slots are reused least-recently-used across steps."""
+
+    def __init__(self, assets: SteeringAssets, max_tokens: int, max_specs: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.assets = assets
+        self.table = torch.zeros(max_specs + 1, assets.hidden_size, dtype=dtype, device=device)
+        self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self._host_slots = np.zeros(max_tokens, dtype=np.int64)
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # spec key -> slot, least recently used first
+        self._free = list(range(max_specs, 0, -1))
+
+    def _spec_key(self, sampling_params) -> str | None:
+        raw = (getattr(sampling_params, "extra_args", None) or {}).get(STEERING_EXTRA_ARG)
+        return json.dumps(raw, sort_keys=True) if raw else None
+
+    def _slot(self, key: str, in_use: set[int]) -> int:
+        if key in self._slot_of:
+            self._slot_of.move_to_end(key)
+            return self._slot_of[key]
+        try:
+            spec = self.assets.parse(json.loads(key))
+            direction = self.assets.direction(spec)
+        except SteeringError as error:
+            # The server validates specs before they reach the engine; a stray one must not kill the worker.
+            log.error("%s; running the request unsteered", error)
+            return 0
+        if not self._free:
+            evictable = next(k for k, s in self._slot_of.items() if s not in in_use)
+            self._free.append(self._slot_of.pop(evictable))
+        slot = self._free.pop()
+        self.table[slot].copy_(direction.to(self.table.dtype), non_blocking=True)
+        self._slot_of[key] = slot
+        return slot
+
+    def update(self, requests: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+        in_use: set[int] = set()
+        per_request = np.zeros(len(req_ids), dtype=np.int64)
+        for i, req_id in enumerate(req_ids):
+            key = self._spec_key(requests[req_id].sampling_params)
+            if key is not None:
+                per_request[i] = self._slot(key, in_use)
+                in_use.add(int(per_request[i]))
+        total = int(num_scheduled_tokens.sum())
+        self._host_slots[:total] = np.repeat(per_request, num_scheduled_tokens)
+        self._host_slots[total:] = 0
+        self.slots.copy_(torch.from_numpy(self._host_slots), non_blocking=True)
+
+
+class SteeredLlamaDecoderLayer(LlamaDecoderLayer):
+    """The steering layer: stock forward, then each token's direction added to the residual stream.
+
+    vLLM defers the residual add to the next layer's norm, so the stream after this layer is
+    `hidden_states + residual`; adding to `residual` adds to the stream. Installed by swapping the class of the
+    loaded layer, which keeps its weight names.
+    """
+
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
+        slots = self.thresher_steering_slots[: residual.shape[0]]
+        return hidden_states, residual + self.thresher_steering_table[slots]
+
+
+def install_steering(layer: torch.nn.Module, steering: TokenSteering) -> None:
+    if not isinstance(layer, LlamaDecoderLayer):
+        raise TypeError(f"thresher steers Llama decoder layers, not {type(layer).__name__}")
+    layer.__class__ = SteeredLlamaDecoderLayer
+    # the state's own tensors, updated in place by the runner hook
+    layer.register_buffer("thresher_steering_table", steering.table, persistent=False)
+    layer.register_buffer("thresher_steering_slots", steering.slots, persistent=False)
