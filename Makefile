@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.thresher-installed
 
-.PHONY: install calibrate test
+.PHONY: install serve calibrate test
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Until the server lands, the main job is calibrating the embedded default model.
+# The main job: serve the embedded default model on 127.0.0.1:8000 (calibrated once on first use, then cached).
+serve: install
+	$(BIN)/thresher serve
+
 calibrate: install
-	$(BIN)/thresher calibrate --out $${THRESHER_HOME:-$$HOME/.cache/thresher}/artifacts/default
+	$(BIN)/thresher calibrate --out artifacts/default
 
 test: install
 	$(BIN)/python -m pytest

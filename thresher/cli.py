@@ -174,7 +174,7 @@ def serve_command(
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
         help="Fraction of accelerator memory (on CPU: of RAM) for weights and KV cache; default 0.9 on GPU, "
-             "0.3 on CPU.")] = None,
+             "0.2 on CPU.")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
     enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile and CUDA graphs: faster start, slower "
@@ -200,7 +200,7 @@ def serve_command(
             default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key,
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
-                "gpu_memory_utilization": gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3),
+                "gpu_memory_utilization": gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2),
                 "max_num_seqs": max_num_seqs, "dtype": dtype, "enforce_eager": enforce_eager,
                 **_parse_engine_args(engine_arg),
             },
@@ -210,4 +210,10 @@ def serve_command(
         _fail_on_user_error(error)
     console.print(f"serving [bold]{settings.served_model_name}[/] on http://{host}:{port}/v1 "
                   f"(artifact {artifact_dir}); /health turns 200 when the engine is ready")
-    uvicorn.run(application, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_config=None,
+                                           timeout_graceful_shutdown=5))
+    serving = application.state.serving
+    serving.on_startup_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if serving.startup_error is not None:
+        _fail_on_user_error(RuntimeError(f"the engine failed to start: {serving.startup_error}"))

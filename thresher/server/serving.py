@@ -45,6 +45,8 @@ class ServingEngine:
         self.startup_error: BaseException | None = None
         self.max_model_len = settings.max_model_len
         self._task: asyncio.Task | None = None
+        # called when the engine cannot start: the CLI stops the server, so a supervisor sees it exit
+        self.on_startup_failure = None
 
     def _build_engine(self):
         from vllm import AsyncEngineArgs
@@ -73,6 +75,8 @@ class ServingEngine:
             except Exception as error:  # reported by /health and every request, never a hang
                 self.startup_error = error
                 log.exception("the engine failed to start")
+                if self.on_startup_failure is not None:
+                    self.on_startup_failure()
 
         self._task = asyncio.create_task(build())
 
