@@ -9,7 +9,8 @@ import torch
 
 from thresher.calibration.sae_training import Residuals, TrainingConfig, measure_sae, train_topk_sae
 from thresher.sae import SAEError, SparseAutoencoder, load_sae
-from tests.helpers import feature_activation
+from tests.helpers import (STEERING_STRENGTHS, densest_features, mean_activation_by_strength,
+                           reference_steered_generation)
 from thresher.steering import SteeringAssets, SteeringError
 
 
@@ -89,7 +90,7 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     entry = assets.catalog[0]
     assert entry["label"] and entry["top_tokens"] and entry["top_contexts"] and 0 < entry["density"] <= 1
     word = entry["top_tokens"][0]["token"].strip()
-    assert any(e["id"] == entry["id"] for e in assets.search_features(word, limit=1000))
+    assert any(e["id"] == entry["id"] for e in assets.search_features(word, limit=len(assets.catalog)))
     assert assets.search_features("no such text anywhere 1234567") == []
     assert set(assets.vector_info) == {"formal", "positive", "terse"}
     assert all(info["layer"] == 15 and info["suggested_strength"] > 0 for info in assets.vector_info.values())
@@ -116,26 +117,14 @@ def test_steering_specs_are_validated_against_the_artifact(assets):
 
 @pytest.mark.slow
 def test_adding_a_feature_direction_raises_that_feature_on_generated_text(hf_model, assets):
-    """Offline (transformers): steer with a feature's direction and re-read the generated text unsteered."""
+    """Offline (transformers): steer with each of the densest features and re-read the generated text unsteered."""
     model, tokenizer = hf_model
-    sae = assets.sae
-    feature = max(assets.catalog[:200], key=lambda e: e["mean_activation"])["id"]
-    prompt = tokenizer("The weather today is", return_tensors="pt")["input_ids"]
-
-    def generated_activation(strength: float) -> float:
-        direction = strength * assets.feature_scale(feature) * sae.W_dec[feature].detach()
-
-        def add(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + direction
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-        handle = model.model.layers[sae.hook_layer].register_forward_hook(add)
-        try:
-            ids = model.generate(prompt, max_new_tokens=24, do_sample=False)
-        finally:
-            handle.remove()
-        return feature_activation(model, sae, ids[0].tolist(), prompt.shape[1], feature)
-
-    activations = [generated_activation(s) for s in (0.0, 4.0, 12.0)]
+    prompt_ids = tokenizer("The capital of France is")["input_ids"]
+    generated = {}
+    for feature in densest_features(assets):
+        for strength in STEERING_STRENGTHS:
+            direction = assets.direction(assets.parse({"features": [{"id": feature, "strength": strength}]}))
+            generated[feature, strength] = reference_steered_generation(model, direction, assets.layer, prompt_ids,
+                                                                        max_new_tokens=24)
+    activations = mean_activation_by_strength(model, assets, prompt_ids, generated)
     assert activations[0] < activations[1] < activations[2], activations

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from tests.helpers import feature_activation
+from tests.helpers import (STEERING_STRENGTHS, densest_features, mean_activation_by_strength,
+                           reference_steered_generation)
 from thresher.artifact import ArtifactError
 from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides, request_extras
 from thresher.steering import SteeringAssets
@@ -23,7 +24,6 @@ PROMPTS = [
     "A good recipe for bread needs",
 ]
 MAX_TOKENS = 12
-STEERED_FEATURE = 7
 
 
 def _engine(model_path, **kwargs):
@@ -161,19 +161,29 @@ def test_unsteered_requests_in_a_steered_batch_get_their_solo_tokens(thresher_ll
 
 def test_steering_a_feature_raises_it_on_the_generated_text(thresher_llm, assets, hf_model):
     model, tokenizer = hf_model
-    feature = STEERED_FEATURE
-    prompt = PROMPTS[0]
+    prompt = "The capital of France is"
     prompt_ids = tokenizer(prompt)["input_ids"]
-    activations = []
-    for strength in (0.0, 4.0, 10.0):
-        spec = _spec(assets, features=[{"id": feature, "strength": strength}]) if strength else None
-        generated = _tokens(_steered(thresher_llm, [prompt], [spec], max_tokens=24))[0]
-        activations.append(feature_activation(model, assets.sae, prompt_ids + generated, len(prompt_ids), feature))
+    keys = [(f, s) for f in densest_features(assets) for s in STEERING_STRENGTHS]
+    specs = [_spec(assets, features=[{"id": f, "strength": s}]) if s else None for f, s in keys]
+    outputs = _tokens(_steered(thresher_llm, [prompt] * len(keys), specs, max_tokens=24))
+    activations = mean_activation_by_strength(model, assets, prompt_ids, dict(zip(keys, outputs)))
     assert activations[0] < activations[1] < activations[2], activations
 
 
+def test_engine_steering_matches_the_transformers_reference(thresher_llm, assets, hf_model):
+    """Same direction, same layer, every token (prompt included): the same greedy tokens as transformers."""
+    model, tokenizer = hf_model
+    prompt = PROMPTS[1]
+    for raw in ({"vectors": [{"name": "formal", "strength": 1.5}]}, {"features": [{"id": 11, "strength": 4.0}]}):
+        spec = _spec(assets, **raw)
+        engine = _tokens(_steered(thresher_llm, [prompt], [spec]))[0]
+        reference = reference_steered_generation(model, assets.direction(spec), assets.layer,
+                                                 tokenizer(prompt)["input_ids"], MAX_TOKENS)
+        assert engine == reference, raw
+
+
 def test_prefix_cache_stays_on_and_never_serves_steered_kv_to_others(thresher_llm, assets):
-    prompt = "Here is a long passage about rivers. " * 40  # ~300 tokens: whole cache blocks
+    prompt = "Here is a long passage about rivers. " * 26  # ~210 tokens: whole cache blocks
     baseline = _steered(thresher_llm, [prompt], [None])[0]
     cached = _steered(thresher_llm, [prompt], [None])[0]
     assert cached.num_cached_tokens > 0, "prefix caching is on"
