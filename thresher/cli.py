@@ -177,8 +177,10 @@ def serve_command(
              "0.2 on CPU.")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
-    enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile and CUDA graphs: faster start, slower "
-                                                     "decode.")] = False,
+    enforce_eager: Annotated[Optional[bool], typer.Option(
+        "--enforce-eager/--no-enforce-eager",
+        help="Skip torch.compile and CUDA graphs. Default: eager on CPU (ready in ~45 s instead of ~150 s on 2 "
+             "cores, decode ~1.6x slower), compiled on GPU.")] = None,
     engine_arg: Annotated[list[str], typer.Option(help="Any other vLLM engine argument as KEY=VALUE (JSON "
                                                        "values), repeatable.")] = [],  # noqa: B006
 ) -> None:
@@ -201,7 +203,8 @@ def serve_command(
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
                 "gpu_memory_utilization": gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2),
-                "max_num_seqs": max_num_seqs, "dtype": dtype, "enforce_eager": enforce_eager,
+                "max_num_seqs": max_num_seqs, "dtype": dtype,
+                "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
                 **_parse_engine_args(engine_arg),
             },
         )

@@ -3,6 +3,7 @@ steering catalog, health and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -141,7 +142,7 @@ def create_app(settings: ServeSettings, serving: ServingEngine | None = None) ->
             n=body.n, max_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
             stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
         )
         metrics.count_request_kind(sparsity, steering)
         request_id = completion_id("chatcmpl" if kind == "chat.completion" else "cmpl")
@@ -152,6 +153,11 @@ def create_app(settings: ServeSettings, serving: ServingEngine | None = None) ->
         return JSONResponse(await stream.collect())
 
     return app
+
+
+async def _until_disconnected(request: Request, interval: float = 0.5) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(interval)
 
 
 def _require_api_key(api_key: str | None):
@@ -247,6 +253,17 @@ class _Generation:
                 log.info("request %s aborted after %d tokens", self.request_id, self.completion_tokens)
 
     async def collect(self) -> dict:
+        """The whole response; if the client goes away first, the request is aborted in the engine."""
+        generation = asyncio.create_task(self._collect())
+        watcher = asyncio.create_task(_until_disconnected(self.request))
+        done, _ = await asyncio.wait({generation, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if generation in done:
+            watcher.cancel()
+            return generation.result()
+        generation.cancel()
+        raise APIError(499, "the client closed the request", code="client_closed_request")
+
+    async def _collect(self) -> dict:
         texts: dict[int, list[str]] = {}
         token_ids: dict[int, list[int]] = {}
         logprobs: dict[int, list] = {}
@@ -258,8 +275,6 @@ class _Generation:
                 if out.logprobs is not None:
                     logprobs.setdefault(out.index, []).extend(out.logprobs)
                 finish[out.index] = out.finish_reason
-            if await self.request.is_disconnected():
-                raise APIError(499, "the client closed the request", code="client_closed_request")
         choices = []
         for index in sorted(texts):
             text = "".join(texts[index])
