@@ -1,6 +1,7 @@
 """calibrate + eval of the embedded model through the real CLI, on a small token budget."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,9 +56,7 @@ def test_level_zero_is_exactly_the_dense_model(small_artifact, hf_model):
 
 def test_eval_of_a_damaged_artifact_fails_clearly(small_artifact, tmp_path):
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in small_artifact.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(small_artifact, broken)
     (broken / "thresholds.safetensors").write_bytes(b"garbage")
     result = run_thresher("eval", "--artifact", str(broken), "--max-tokens", "512")
     assert result.returncode == 2
