@@ -80,7 +80,9 @@ class SteeringAssets:
         self.directory = Path(artifact_dir)
         self.hidden_size = hidden_size
         sae_dirs = sorted((self.directory / SAE_DIR).glob("layer_*"))
-        self.sae: SparseAutoencoder | None = load_sae(sae_dirs[0], d_in=hidden_size) if sae_dirs else None
+        # on the host: vLLM builds models under a CUDA default device, and directions are made on the host
+        with torch.device("cpu"):
+            self.sae: SparseAutoencoder | None = load_sae(sae_dirs[0], d_in=hidden_size) if sae_dirs else None
         meta_path = self.directory / VECTORS_META
         self.vector_info: dict[str, dict] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self._vectors: dict[str, torch.Tensor] | None = None
@@ -183,7 +185,7 @@ class SteeringAssets:
 
     def direction(self, spec: SteeringSpec) -> torch.Tensor:
         """The float32 vector `[hidden]` the spec adds to each of its tokens' residuals."""
-        total = torch.zeros(self.hidden_size)
+        total = torch.zeros(self.hidden_size, device="cpu")
         for term in spec.features:
             total += term.strength * self.feature_scale(term.id) * self.sae.W_dec[term.id].detach()
         for term in spec.vectors:

@@ -1,6 +1,7 @@
 """The plugin on a CUDA vLLM (GPU machine only): torch.compile + CUDA graphs, the Triton path for small decode
-batches, levels per request. A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic artifact:
-level 1 thresholds are 0 (every activation kept), level 2 thresholds are huge (every activation zeroed).
+batches, levels and steering per request. A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic
+artifact: level 1 thresholds are 0 (every activation kept), level 2 thresholds are huge (every activation zeroed);
+a random SAE and vector after layer 2 steer.
 """
 
 import json
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from thresher.artifact import GROUPS, Artifact, model_identity
-from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides
+from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides, request_extras
+from thresher.sae import SparseAutoencoder
+from thresher.steering import FEATURES, SAE_DIR, VECTORS_META, VECTORS_TENSORS, SteeringAssets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
 
@@ -34,6 +37,7 @@ def gpu_llm(tmp_path_factory):
             k = identity.in_features(group)
             thresholds[f"layers.{layer}.{group}"] = torch.stack([torch.zeros(k), torch.zeros(k), torch.full((k,), 1e9)])
     artifact = tmp_path_factory.mktemp("artifact")
+    _write_synthetic_steering(artifact, CONFIG["hidden_size"], layer=2)
     Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("THRESHER_MEASURE_SPARSITY", "1")
@@ -42,8 +46,22 @@ def gpu_llm(tmp_path_factory):
                   max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
                   hf_overrides=engine_overrides(model, artifact),
                   worker_extension_cls="thresher.engine.sparse_llama.ThresherWorkerExtension")
+    llm.thresher_artifact = artifact
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+def _write_synthetic_steering(artifact, hidden: int, layer: int) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    SparseAutoencoder(hidden, 64, 8, layer).save(artifact / SAE_DIR / f"layer_{layer}")
+    catalog = [{"id": i, "label": f"f{i}", "density": 0.1, "mean_activation": 1.0, "top_tokens": [],
+                "top_contexts": []} for i in range(64)]
+    (artifact / FEATURES).write_text(json.dumps({"layer": layer, "d_sae": 64, "features": catalog}))
+    (artifact / VECTORS_TENSORS).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"push": torch.randn(hidden)}, artifact / VECTORS_TENSORS)
+    (artifact / VECTORS_META).write_text(json.dumps({"push": {"layer": layer, "norm": 64.0, "suggested_strength": 1.0}}))
 
 
 def _generate(llm, levels, tokens=16):
@@ -74,3 +92,29 @@ def test_levels_reach_the_kernels_under_cuda_graphs(gpu_llm, batch):
 def test_a_kept_level_matches_level_zero(gpu_llm):
     # level 0.25 here keeps every activation, like level 0: same function, same kernels, same tokens
     assert _generate(gpu_llm, [0.25]) == _generate(gpu_llm, [0.0])
+
+
+def _steered(llm, specs, tokens=16):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts, params = [], []
+    for i, spec in enumerate(specs):
+        extra_args, salt = request_extras(0.0, spec)
+        prompt = TokensPrompt(prompt_token_ids=list(range(10 + i, 40 + i)))
+        if salt:
+            prompt["cache_salt"] = salt
+        prompts.append(prompt)
+        params.append(SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, extra_args=extra_args))
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_steering_under_cuda_graphs_touches_only_its_own_requests(gpu_llm):
+    assets = SteeringAssets(gpu_llm.thresher_artifact, CONFIG["hidden_size"])
+    push = assets.parse({"vectors": [{"name": "push", "strength": 50.0}], "features": [{"id": 3, "strength": 50.0}]})
+    other = assets.parse({"vectors": [{"name": "push", "strength": -50.0}]})
+    plain = _steered(gpu_llm, [None] * 4)
+    mixed = _steered(gpu_llm, [None, push, other, push])
+    # same batch shape, so the same kernels: the unsteered row is bit-identical, the steered rows change
+    assert mixed[0] == plain[0]
+    assert mixed[1] != plain[1] and mixed[2] != plain[2]
