@@ -191,3 +191,27 @@ class SteeringAssets:
         for term in spec.vectors:
             total += term.strength * self.vectors[term.name].float()
         return total
+
+
+def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | None, catalog: list[dict],
+                         vectors: dict[str, torch.Tensor], vector_info: dict[str, dict]) -> None:
+    """Write an SAE, its catalog and named vectors into an artifact directory, replacing older ones.
+
+    Call before `Artifact.save`, which records their sha256 in the manifest.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    for entry in (SAE_DIR, FEATURES, VECTORS_DIR):
+        path = directory / entry
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if sae is not None:
+        sae.save(directory / SAE_DIR / f"layer_{sae.hook_layer}")
+        (directory / FEATURES).write_text(json.dumps({"layer": sae.hook_layer, "d_sae": sae.d_sae,
+                                                      "features": catalog}) + "\n")
+    if vectors:
+        (directory / VECTORS_DIR).mkdir(parents=True, exist_ok=True)
+        save_file({name: v.contiguous() for name, v in vectors.items()}, directory / VECTORS_TENSORS)
+        (directory / VECTORS_META).write_text(json.dumps(vector_info, indent=2) + "\n")

@@ -12,7 +12,7 @@ import torch
 from thresher.artifact import GROUPS, Artifact, model_identity
 from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides, request_extras
 from thresher.sae import SparseAutoencoder
-from thresher.steering import FEATURES, SAE_DIR, VECTORS_META, VECTORS_TENSORS, SteeringAssets
+from thresher.steering import SteeringAssets, save_steering_assets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
 
@@ -52,16 +52,11 @@ def gpu_llm(tmp_path_factory):
 
 
 def _write_synthetic_steering(artifact, hidden: int, layer: int) -> None:
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
-    SparseAutoencoder(hidden, 64, 8, layer).save(artifact / SAE_DIR / f"layer_{layer}")
     catalog = [{"id": i, "label": f"f{i}", "density": 0.1, "mean_activation": 1.0, "top_tokens": [],
                 "top_contexts": []} for i in range(64)]
-    (artifact / FEATURES).write_text(json.dumps({"layer": layer, "d_sae": 64, "features": catalog}))
-    (artifact / VECTORS_TENSORS).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"push": torch.randn(hidden)}, artifact / VECTORS_TENSORS)
-    (artifact / VECTORS_META).write_text(json.dumps({"push": {"layer": layer, "norm": 64.0, "suggested_strength": 1.0}}))
+    save_steering_assets(artifact, SparseAutoencoder(hidden, 64, 8, layer), catalog, {"push": torch.randn(hidden)},
+                         {"push": {"layer": layer, "norm": 64.0, "suggested_strength": 1.0}})
 
 
 def _generate(llm, levels, tokens=16):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import torch
 
 from thresher import data
-from thresher.artifact import STEERING_ENTRIES, Artifact, load_artifact, model_identity
+from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
 from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
@@ -23,7 +21,7 @@ from thresher.calibration.thresholds import fit_channel_thresholds
 from thresher.calibration.vectors import contrastive_vectors, read_pairs
 from thresher.models import DEFAULT_MODEL, load_hf_model, resolve_model
 from thresher.sae import SparseAutoencoder
-from thresher.steering import FEATURES, SAE_DIR, VECTORS_META, VECTORS_TENSORS, SteeringAssets
+from thresher.steering import SteeringAssets, save_steering_assets
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +65,7 @@ def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: 
     for info in vector_info.values():
         info["source"] = source
 
-    from safetensors.torch import save_file
-
-    for entry in STEERING_ENTRIES:
-        path = out / entry
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    sae.save(out / SAE_DIR / f"layer_{layer}")
-    (out / FEATURES).write_text(json.dumps({"layer": layer, "d_sae": sae.d_sae, "features": catalog}) + "\n")
-    (out / VECTORS_TENSORS).parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: v.contiguous() for name, v in vectors.items()}, out / VECTORS_TENSORS)
-    (out / VECTORS_META).write_text(json.dumps(vector_info, indent=2) + "\n")
+    save_steering_assets(out, sae, catalog, vectors, vector_info)
     return {"layer": layer, "tokens": int(keep.sum()), "live_features": len(catalog), "vectors": sorted(vectors)}
 
 
