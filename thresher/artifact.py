@@ -29,7 +29,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.safetensors"
 GROUPS = ("qkv", "o", "gate_up", "down")
-STEERING_ENTRIES = ("sae", "features.json", "vectors")
+# the optional steering assets (read and written through `thresher.steering`)
+SAE_DIR, FEATURES, VECTORS_DIR = "sae", "features.json", "vectors"
+STEERING_ENTRIES = (SAE_DIR, FEATURES, VECTORS_DIR)
 
 
 class ArtifactError(ValueError):

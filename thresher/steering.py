@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from thresher.artifact import FEATURES, SAE_DIR, STEERING_ENTRIES, VECTORS_DIR
 from thresher.sae import SparseAutoencoder, load_sae
 
-FEATURES = "features.json"
-VECTORS_DIR = "vectors"
 VECTORS_TENSORS = "vectors/vectors.safetensors"
 VECTORS_META = "vectors/vectors.json"
-SAE_DIR = "sae"
 MAX_ENTRIES = 16
 MAX_STRENGTH = 100.0
 # SamplingParams.extra_args key holding a request's validated steering spec (as a plain dict).
@@ -134,15 +132,12 @@ class SteeringAssets:
 
     def parse(self, raw: object) -> SteeringSpec:
         """A validated spec from request JSON; every problem is a SteeringError naming the field."""
-        if isinstance(raw, SteeringSpec):
-            spec = raw
-        else:
-            try:
-                spec = SteeringSpec.model_validate(raw)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in ("steering", *first["loc"]))
-                raise SteeringError(f"{where}: {first['msg']}", param=where) from None
+        try:
+            spec = SteeringSpec.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("steering", *first["loc"]))
+            raise SteeringError(f"{where}: {first['msg']}", param=where) from None
         self.validate(spec)
         return spec
 
@@ -204,7 +199,7 @@ def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    for entry in (SAE_DIR, FEATURES, VECTORS_DIR):
+    for entry in STEERING_ENTRIES:
         path = directory / entry
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if sae is not None:

@@ -14,7 +14,7 @@ from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
 from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
-from thresher.calibration.sae_training import (TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
+from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
                                                train_topk_sae)
 from thresher.calibration.statistics import collect_activation_statistics
 from thresher.calibration.thresholds import fit_channel_thresholds
@@ -56,7 +56,7 @@ def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: 
     log.info("SAE on layer %d: %d residuals (%d attention-sink tokens left out)", layer, int(keep.sum()),
              int((~keep).sum()))
     training_set = residuals.vectors[keep]
-    sae = train_topk_sae(type(residuals)(layer, training_set, residuals.token_ids[keep], residuals.window_length),
+    sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], residuals.window_length),
                          options.training, model_name)
     catalog = build_feature_catalog(sae, residuals, tokenizer, keep)
     residual_norm = float(training_set.norm(dim=1).median())

@@ -32,6 +32,7 @@ class TokenSteering:
         self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self._host_slots = np.zeros(max_tokens, dtype=np.int64)
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # spec key -> slot, least recently used first
+        self._key_of_request: dict[str, str | None] = {}  # running requests' spec keys, made once per request
         self._free = list(range(max_specs, 0, -1))
 
     def _spec_key(self, sampling_params) -> str | None:
@@ -60,8 +61,11 @@ class TokenSteering:
     def update(self, requests: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         in_use: set[int] = set()
         per_request = np.zeros(len(req_ids), dtype=np.int64)
+        known = self._key_of_request
+        self._key_of_request = {r: known[r] if r in known else self._spec_key(requests[r].sampling_params)
+                                for r in req_ids}
         for i, req_id in enumerate(req_ids):
-            key = self._spec_key(requests[req_id].sampling_params)
+            key = self._key_of_request[req_id]
             if key is not None:
                 per_request[i] = self._slot(key, in_use)
                 in_use.add(int(per_request[i]))
