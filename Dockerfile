@@ -6,7 +6,6 @@
 FROM vllm/vllm-openai:v0.26.0
 
 ENV THRESHER_HOME=/cache \
-    VLLM_USE_V2_MODEL_RUNNER=0 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 

@@ -3,7 +3,8 @@
     python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16]
 
 Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
-torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, V1 model runner for both engines.
+torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both engines on the model runner that
+vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1).
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
 the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is the
@@ -20,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # thresher's per-token levels hook the V1 runner
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 import torch  # noqa: E402
@@ -107,6 +107,7 @@ def main() -> None:
     artifact = fit_artifact(model, levels, work)
 
     results = {"device": torch.cuda.get_device_name(), "model": f"Llama-3-8B shape, {args.layers} layers, dummy bf16",
+               "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rows": []}
     stock = _engine(model)
     _decode(stock, 1, None, new_tokens=16)

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 import torch  # noqa: E402
@@ -114,7 +113,8 @@ def main() -> None:
     llm = LLM(model=str(model_path), hf_overrides=engine_overrides(model_path, artifact), max_model_len=512,
               max_num_seqs=16, seed=0, gpu_memory_utilization=0.85 if on_gpu else 0.3, **engine_kwargs)
     results = {"device": torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)",
-               "model": model_name, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "batches": {}}
+               "model": model_name, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "batches": {},
+               "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default")}
     for batch in (int(b) for b in args.batches.split(",")):
         workloads = {"unsteered": _requests(batch, None, args.new_tokens),
                      "all steered": _requests(batch, assets, args.new_tokens)}

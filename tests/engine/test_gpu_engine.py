@@ -1,5 +1,5 @@
 """The plugin on a CUDA vLLM (GPU machine only): torch.compile + CUDA graphs, the Triton path for small decode
-batches, levels and steering per request. A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic
+batches, levels and steering per request, under both of vLLM's model runners (V1, and V2, vLLM 0.26's default). A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic
 artifact: level 1 thresholds are 0 (every activation kept), level 2 thresholds are huge (every activation zeroed);
 a random SAE and vector after layer 2 steer.
 """
@@ -24,8 +24,8 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def gpu_llm(tmp_path_factory):
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def gpu_llm(tmp_path_factory, request):
     from vllm import LLM
 
     model = tmp_path_factory.mktemp("llama8b-shape")
@@ -41,7 +41,7 @@ def gpu_llm(tmp_path_factory):
     Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("THRESHER_MEASURE_SPARSITY", "1")
-        patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+        patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if request.param == "v2" else "0")
         llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
                   hf_overrides=engine_overrides(model, artifact),

@@ -88,3 +88,14 @@ def test_more_than_sixteen_rows_is_refused():
 def test_threshold_rows_equals_the_reference_exactly(rows, k, dtype):
     x, _, thresholds, levels = _case(rows, k, 8, dtype)
     assert torch.equal(threshold_rows(x, thresholds, levels), threshold_activations(x, thresholds[levels]))
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_many_chunks_add_up_call_after_call(rows):
+    # every chunk leaves a partial and the last program of each output block adds them: repeated calls must each
+    # start from fresh per-block tickets
+    x, w, thresholds, levels = _case(rows, 300, 72, torch.float16)
+    config = (1 if rows == 1 else 16, 16, 32, 9, 4, 1)
+    ref = _reference(x, w, thresholds, levels)
+    for _ in range(3):
+        _check(sparse_gemv(x, w.t().contiguous(), thresholds, levels, config=config), ref, torch.float16)

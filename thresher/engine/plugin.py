@@ -53,6 +53,6 @@ def register() -> None:
     for sparse_name in SPARSE_ARCHITECTURES.values():
         if sparse_name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(sparse_name, f"thresher.engine.sparse_llama:{sparse_name}")
-    from thresher.engine.token_levels import install_runner_hook
+    from thresher.engine.runner_hooks import install_v1_hook
 
-    install_runner_hook()
+    install_v1_hook()

@@ -19,7 +19,8 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from thresher.artifact import load_artifact, model_identity
-from thresher.engine.token_levels import TokenLevels, activate
+from thresher.engine.runner_hooks import model_state_cls
+from thresher.engine.token_levels import TokenLevels
 from thresher.engine.token_steering import TokenSteering, install_steering
 from thresher.kernels.dispatch import sparse_linear
 from thresher.kernels.reference import threshold_activations
@@ -162,7 +163,8 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
             install_steering(self.model.layers[assets.layer], steering)
             per_token_states.append(steering)
             log.info("thresher: per-request steering after layer %d", assets.layer)
-        activate(*per_token_states)
+        # read by the runner hooks before every forward
+        self.thresher_token_states = per_token_states
         self.sparsity_meter = SparsityMeter(device)
         rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         for index, layer in enumerate(self.model.layers):
@@ -176,6 +178,11 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
                                                                   self.sparsity_meter)
         log.info("thresher: %d layers sparsified with levels %s (%s)", len(self.model.layers), artifact.levels,
                  artifact.method)
+
+    def get_model_state_cls(self):
+        """vLLM's V2 model runner asks the model for its per-request input state: thresher's feeds the levels and
+        steering slots."""
+        return model_state_cls()
 
 
 class ThresherMistralForCausalLM(ThresherLlamaForCausalLM):

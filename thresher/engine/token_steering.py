@@ -58,11 +58,12 @@ class TokenSteering:
         self._slot_of[key] = slot
         return slot
 
-    def update(self, requests: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+    def update(self, sampling_params: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+        """`sampling_params[req_id]` of every running request; ids missing from it (dummy runs) run unsteered."""
         in_use: set[int] = set()
         per_request = np.zeros(len(req_ids), dtype=np.int64)
         known = self._key_of_request
-        self._key_of_request = {r: known[r] if r in known else self._spec_key(requests[r].sampling_params)
+        self._key_of_request = {r: known[r] if r in known else self._spec_key(sampling_params.get(r))
                                 for r in req_ids}
         for i, req_id in enumerate(req_ids):
             key = self._key_of_request[req_id]

