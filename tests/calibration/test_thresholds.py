@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from thresher.calibration.statistics import ActivationStatistics, ChannelHistogram
-from thresher.calibration.thresholds import fit_channel_thresholds
+from thresher.calibration.thresholds import fit_channel_thresholds, pooled_channel_costs
 
 
 def _stats(tensors: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> ActivationStatistics:
@@ -81,3 +81,15 @@ def test_unknown_method_is_rejected():
     x = torch.randn(10, 4)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         fit_channel_thresholds(_stats({"layers.0.o": (x, x, 2)}), [0.5], "magic")
+
+
+def test_pooled_costs_keep_each_channels_total_and_grow_with_magnitude():
+    torch.manual_seed(3)
+    x = torch.randn(4000, 8)
+    g = torch.randn(4000, 8) * torch.linspace(0.1, 10, 8)  # channels of different sensitivity, noisy per bin
+    h = _stats({"layers.0.o": (x, g, 4)}).histograms["layers.0.o"]
+    pooled = pooled_channel_costs(h.counts, h.costs)
+    torch.testing.assert_close(pooled.sum(1), h.costs.sum(1))
+    per_activation = pooled / h.counts.clamp(min=1)
+    occupied = h.counts[0] > 0
+    assert (per_activation[0, occupied].diff() > 0).all(), "a larger magnitude costs more to zero"

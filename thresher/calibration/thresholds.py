@@ -5,7 +5,11 @@ weights of column c, so a level of 40% means 40% of all projection weights go un
 
 - `channel-greedy`: every channel of every tensor gets its own cut-off. The budget goes greedily to the
   activations that are cheapest to zero per weight skipped (cost from `statistics.py`, in loss units, so tensors and
-  layers compare directly). For a price `lam`, each channel independently takes the cut-off minimising
+  layers compare directly). The cost of zeroing an activation x of channel c is taken as a_c * x^2, where the
+  channel's sensitivity a_c is its Fisher cost over its sum of x^2 across all bins: the per-bin Fisher sums are
+  noisy where a bin holds few activations, and cut-offs drawn to chance low-cost bins cost perplexity (measured on
+  the embedded model, 8k held-out tokens: +0.4% instead of +2.7% at 25%, +13.0% instead of +13.1% at 40%,
+  +42% instead of +39% at 50%). For a price `lam`, each channel independently takes the cut-off minimising
   cost - lam * weights_skipped; `lam` is then searched until the level's budget is met. This is the Lagrangian
   form of the greedy knapsack, and it keeps channels with outsized activations or outsized influence dense.
 - `teal-uniform`: TEAL's baseline, one magnitude threshold per tensor with the same sparsity in every tensor.
@@ -20,12 +24,23 @@ from thresher.calibration.statistics import BINS_PER_OCTAVE, ActivationStatistic
 METHODS = ("channel-greedy", "teal-uniform")
 
 
+def pooled_channel_costs(counts: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """Per-bin zeroing costs `[channels, bins]` re-estimated as each channel's sensitivity times the bin's sum of x^2
+    (bin centres), so the channel's total cost is kept and only its spread over bins changes."""
+    edges = bin_lower_edges()
+    centres = edges * 2 ** (0.5 / BINS_PER_OCTAVE)
+    centres[0] = edges[1] / 2
+    squares = counts * centres.square()
+    sensitivity = costs.sum(1, keepdim=True) / squares.sum(1, keepdim=True).clamp(min=1e-300)
+    return sensitivity * squares
+
+
 def _stacked(stats: ActivationStatistics):
     """All channels of all tensors as rows: cumulative counts and costs of zeroing bins [0, k), and weights per row."""
     names = list(stats.histograms)
     hists = [stats.histograms[n] for n in names]
     counts = torch.cat([h.counts for h in hists])
-    costs = torch.cat([h.costs for h in hists])
+    costs = pooled_channel_costs(counts, torch.cat([h.costs for h in hists]))
     zero = torch.zeros(counts.shape[0], 1, dtype=torch.float64)
     # column k: what zeroing bins [0, k) skips and costs; the last bin is never zeroed.
     cum_counts = torch.cat([zero, counts.cumsum(1)[:, :-1]], dim=1)
