@@ -62,7 +62,7 @@ def calibrate_command(
         ",".join(str(x) for x in DEFAULT_LEVELS)
     ),
     method: Annotated[str, typer.Option(help=f"Threshold method: {' or '.join(METHODS)}.")] = METHODS[0],
-    max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
+    max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 24576,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "

@@ -75,7 +75,7 @@ def calibrate(
     data_path: str | None = None,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     method: str = "channel-greedy",
-    max_tokens: int = 16384,
+    max_tokens: int = 24576,
     eval_tokens: int = 4096,
     sae: SAEOptions | None = None,
 ) -> dict:
