@@ -5,10 +5,10 @@
 
 Both servers run the thresher engine (vLLM's through `--hf-overrides`), eager, float32, at 64 sequences, on the
 embedded model, one at a time in the order `--order` (default vLLM, thresher, vLLM, thresher, so drift hits both
-alike); each gets a warm-up
-and then the same sequential greedy completions (`ignore_eos`, fixed length). Prints each run's mean and median
-latency, and the ratio of thresher's to vLLM's (each averaged over its runs). Two servers alive at once on a 2-core machine disturb each
-other far more than 5% (their idle engine processes still compete for the cores), hence one at a time.
+alike); each gets a warm-up and then the same sequential greedy completions (`ignore_eos`, fixed length). Prints
+each run's mean and median latency, and the ratio of thresher's to vLLM's (each averaged over its runs). Two
+servers alive at once on a 2-core machine disturb each other far more than 5% (their idle engine processes still
+compete for the cores), hence one at a time.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main() -> None:
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)
-        run = {"server": label, "mean_s": round(statistics.mean(times), 4), "median_s": round(statistics.median(times), 4)}
+        run = {"server": label, "mean_s": round(statistics.mean(times), 4),
+               "median_s": round(statistics.median(times), 4)}
         results["runs"].append(run)
         print(f"{label}: mean latency {run['mean_s']:.3f} s, median {run['median_s']:.3f} s", flush=True)
     for stat in ("mean_s", "median_s"):

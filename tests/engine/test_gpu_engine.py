@@ -1,7 +1,7 @@
 """The plugin on a CUDA vLLM (GPU machine only): torch.compile + CUDA graphs, the Triton path for small decode
-batches, levels and steering per request, under both of vLLM's model runners (V1, and V2, vLLM 0.26's default). A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic
-artifact: level 1 thresholds are 0 (every activation kept), level 2 thresholds are huge (every activation zeroed);
-a random SAE and vector after layer 2 steer.
+batches, levels and steering per request, under both of vLLM's model runners (V1, and V2, vLLM 0.26's default).
+A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic artifact: level 1 thresholds are 0 (every
+activation kept), level 2 thresholds are huge (every activation zeroed); a random SAE and vector after layer 2 steer.
 """
 
 import json

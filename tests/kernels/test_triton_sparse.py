@@ -92,8 +92,7 @@ def test_threshold_rows_equals_the_reference_exactly(rows, k, dtype):
 
 @pytest.mark.parametrize("rows", [1, 4])
 def test_many_chunks_add_up_call_after_call(rows):
-    # every chunk leaves a partial and the last program of each output block adds them: repeated calls must each
-    # start from fresh per-block tickets
+    # nine chunks of input channels each leave a partial sum; repeated calls must each add up only their own
     x, w, thresholds, levels = _case(rows, 300, 72, torch.float16)
     config = (1 if rows == 1 else 16, 16, 32, 9, 4, 1)
     ref = _reference(x, w, thresholds, levels)

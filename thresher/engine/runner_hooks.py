@@ -14,11 +14,12 @@ before the forward. vLLM has two runners, and each gets its own hook:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import numpy as np
 
 
-def update_token_states(model, sampling_params: dict, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+def update_token_states(model, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
     for state in getattr(model, "thresher_token_states", ()):
         state.update(sampling_params, req_ids, num_scheduled_tokens)
 
