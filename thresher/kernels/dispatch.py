@@ -16,8 +16,8 @@ import torch
 from thresher.kernels.reference import threshold_activations
 
 # Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows:
-# one Llama-3-8B layer on an H100 ran 1.49x at batch 1, 1.09x at 2, 0.84x at 4, 0.75x at 8
-# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.90-0.91x dense.
+# one Llama-3-8B layer on an H100 ran 1.52x at batch 1, 1.13x at 2, 0.94x at 4, 0.86x at 8
+# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.89-0.91x dense.
 GPU_SPARSE_MAX_BATCH = 2
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
