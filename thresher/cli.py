@@ -67,10 +67,10 @@ def calibrate_command(
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,
-    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = 131072,
+    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = 262144,
     sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = 8,
     sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = 32,
-    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = 8,
+    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = 4,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help='jsonl of {"name", "positive", "negative"} texts for contrastive steering vectors; '
              "default: the built-in formal / positive / terse pairs.")] = None,

@@ -85,7 +85,10 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     assert sae["layer"] == 15 and sae["d_sae"] == 8 * 576 and sae["k"] == 32 and sae["l0"] <= 32
     # a small test budget (8k tokens, 2 epochs); the default calibration's numbers are in the README
     assert 0 < sae["fvu"] < 0.7, sae
-    assert 0 <= sae["dead_fraction"] < 1 and sae["perplexity_increase"] > -0.5
+    assert sae["perplexity_increase"] > -0.5
+    # dead: never fired on the training tokens, i.e. not in the catalog; silent: never fired on the held-out tokens
+    assert sae["dead_fraction"] == round(1 - len(assets.catalog) / sae["d_sae"], 4) < 1
+    assert 0 <= sae["held_out_silent_fraction"] <= 1
     assert len(assets.catalog) > 100
     entry = assets.catalog[0]
     assert entry["label"] and entry["top_tokens"] and entry["top_contexts"] and 0 < entry["density"] <= 1

@@ -52,5 +52,6 @@ def print_report(report: dict, console: Console | None = None) -> None:
     if "sae" in report:
         sae = report["sae"]
         console.print(f"SAE after layer {sae['layer']} ({sae['d_sae']} latents, k={sae['k']}): held-out FVU "
-                      f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%}, perplexity "
-                      f"{sae['perplexity_increase']:+.1%} with the reconstruction spliced in")
+                      f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} (silent on these tokens "
+                      f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} with the "
+                      "reconstruction spliced in")

@@ -103,7 +103,10 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
         def capture_input(_module, args):
             x = args[0]
             if x.requires_grad:
-                x.register_hook(lambda grad: stats.histograms[name].add(x, grad))
+                # the hook holds a detached view: capturing `x` itself would make a cycle (x -> its hook -> x) that
+                # only the garbage collector frees, and every batch's activations would pile up until it runs
+                values = x.detach()
+                x.register_hook(lambda grad: stats.histograms[name].add(values, grad))
             else:
                 stats.histograms[name].add(x, None)
 
