@@ -105,7 +105,8 @@ def eval_command(
     model: ModelOption = None,
     data: DataOption = None,
     max_tokens: Annotated[int, typer.Option(help="Held-out evaluation tokens.")] = 16384,
-    report_dir: Annotated[Optional[Path], typer.Option(help="Where report.json/png go; default: first artifact.")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        help="Where report.json/png go (created if missing); default: first artifact.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
     """Perplexity of the dense model and of every calibrated level, with measured sparsity."""

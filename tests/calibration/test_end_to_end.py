@@ -25,8 +25,9 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
 
 
 def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_path):
+    report_dir = tmp_path / "reports" / "new"  # made by eval
     result = run_thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
-                       "--report-dir", str(tmp_path))
+                       "--report-dir", str(report_dir))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "SmolLM2-135M-Instruct" and report["tokens"] == 512
@@ -37,7 +38,7 @@ def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_p
     assert first["measured_sparsity"] == pytest.approx(0.25, abs=0.05)
     assert second["measured_sparsity"] == pytest.approx(0.5, abs=0.05)
     assert dense < first["perplexity"] < second["perplexity"]
-    assert (tmp_path / "report.json").exists() and (tmp_path / "report.png").exists()
+    assert (report_dir / "report.json").exists() and (report_dir / "report.png").exists()
 
 
 def test_level_zero_is_exactly_the_dense_model(small_artifact, hf_model):

@@ -17,6 +17,7 @@ def write_report(report: dict, directory: str | Path) -> tuple[Path, Path]:
     import matplotlib.pyplot as plt
 
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "report.json", directory / "report.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
 
