@@ -16,8 +16,6 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
     artifact = load_artifact(small_artifact, model=model_identity(embedded_model.path, embedded_model.name))
     assert artifact.levels == [0.0, 0.25, 0.5] and artifact.method == "channel-greedy"
     assert artifact.calibration["tokens"] == 1024
-    # refitted against the model running sparse, each level reaches its sparsity on the calibration text
-    assert artifact.calibration["calibration_sparsity"] == pytest.approx([0.25, 0.5], abs=0.01)
     assert len(artifact.thresholds) == 30 * 4
     report = json.loads((small_artifact / "report.json").read_text())
     assert (small_artifact / "report.png").read_bytes()[:4] == b"\x89PNG"

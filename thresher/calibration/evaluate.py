@@ -73,18 +73,6 @@ def level_thresholds(thresholds: dict[str, torch.Tensor], level_index: int) -> d
     return {name: table[level_index] for name, table in thresholds.items()}
 
 
-@torch.no_grad()
-def measured_sparsity(model, windows: list[list[int]], thresholds: dict[str, torch.Tensor], batch_size: int = 4
-                      ) -> float:
-    """Weighted sparsity of one level (`[in_features]` thresholds) with every layer thresholded, as the model runs
-    sparse: each layer sees the inputs that the thresholded layers before it produce."""
-    meter = SparsityMeter()
-    with thresholds_applied(model, thresholds, meter):
-        for start in range(0, len(windows), batch_size):
-            model.model(torch.tensor(windows[start : start + batch_size]))
-    return meter.sparsity
-
-
 def evaluate_levels(model, windows, thresholds: dict[str, torch.Tensor], levels: list[float]) -> list[dict]:
     """For each level (index 1.. of the threshold tables): measured weighted sparsity and perplexity."""
     results = []

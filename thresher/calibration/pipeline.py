@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from thresher import data
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
-from thresher.calibration.evaluate import evaluate_levels, level_thresholds, measured_sparsity, perplexity, sae_spliced
+from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
 from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
                                                train_topk_sae)
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = (0.25, 0.4, 0.5, 0.6)
 WINDOW_TOKENS = 512
-LEVEL_CHECK_TOKENS = 4096
 
 
 def _windows(texts: list[str], tokenizer, max_tokens: int, what: str) -> list[list[int]]:
@@ -37,32 +35,6 @@ def _windows(texts: list[str], tokenizer, max_tokens: int, what: str) -> list[li
     if not windows:
         raise data.DataError(f"the {what} text holds fewer than {window} tokens")
     return windows
-
-
-def fit_to_measured_levels(model, stats, windows: list[list[int]], levels: list[float], method: str
-                           ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Fit the thresholds, then refit once aiming each level lower by what it overshot with the model running
-    sparse. The statistics are of the dense model, and thresholded layers feed smaller activations to the layers
-    after them: on the embedded model, 40/50/60% fitted on dense statistics ran at 40.5/50.7/61.7%.
-    Returns the thresholds and the sparsity each level reaches on `windows`, running sparse."""
-    check = windows[: max(1, LEVEL_CHECK_TOKENS // len(windows[0]))]
-    progress = tqdm(total=2 * len(levels), desc="levels, running sparse", unit="level")
-
-    def running_sparse(thresholds: dict[str, torch.Tensor]) -> list[float]:
-        reached = []
-        for index in range(1, len(levels) + 1):
-            reached.append(measured_sparsity(model, check, level_thresholds(thresholds, index)))
-            progress.update()
-        return reached
-
-    first = running_sparse(fit_channel_thresholds(stats, levels, method)[0])
-    targets = [min(max(2 * level - got, 1e-3), 1 - 1e-3) for level, got in zip(levels, first)]
-    thresholds, _ = fit_channel_thresholds(stats, targets, method)
-    reached = running_sparse(thresholds)
-    progress.close()
-    log.info("levels %s reach %s running sparse (fitted for %s)", levels, [round(r, 4) for r in reached],
-             [round(t, 4) for t in targets])
-    return thresholds, reached
 
 
 @dataclass
@@ -117,7 +89,7 @@ def calibrate(
     started = time.monotonic()
     windows = _windows(data.load_texts(data_path, "calibration"), tokenizer, max_tokens, "calibration")
     stats = collect_activation_statistics(hf_model, windows)
-    thresholds, reached = fit_to_measured_levels(hf_model, stats, windows, list(levels), method)
+    thresholds, reached = fit_channel_thresholds(stats, list(levels), method)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steering = {}
