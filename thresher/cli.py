@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from thresher.calibration.pipeline import DEFAULT_LEVELS, SAEOptions, calibrate, evaluate_artifacts
+from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEVELS, SAEOptions, calibrate,
+                                          evaluate_artifacts)
+from thresher.calibration.sae_training import TrainingConfig
 from thresher.calibration.report import print_report
 from thresher.calibration.thresholds import METHODS
 
@@ -62,15 +64,15 @@ def calibrate_command(
         ",".join(str(x) for x in DEFAULT_LEVELS)
     ),
     method: Annotated[str, typer.Option(help=f"Threshold method: {' or '.join(METHODS)}.")] = METHODS[0],
-    max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 24576,
+    max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_CALIBRATION_TOKENS,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,
-    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = 262144,
-    sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = 8,
-    sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = 32,
-    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = 4,
+    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = SAEOptions.tokens,
+    sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = TrainingConfig.expansion,
+    sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = TrainingConfig.k,
+    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = TrainingConfig.epochs,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help='jsonl of {"name", "positive", "negative"} texts for contrastive steering vectors; '
              "default: the built-in formal / positive / terse pairs.")] = None,
@@ -78,7 +80,6 @@ def calibrate_command(
     """Fit per-channel activation thresholds for several sparsity levels, train an SAE with a feature catalog and
     steering vectors, and write one artifact with a quality report."""
     from thresher.artifact import ArtifactError
-    from thresher.calibration.sae_training import TrainingConfig
     from thresher.data import DataError
     from thresher.models import ModelError
     from thresher.sae import SAEError

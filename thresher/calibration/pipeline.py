@@ -26,6 +26,7 @@ from thresher.steering import SteeringAssets, save_steering_assets
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = (0.25, 0.4, 0.5, 0.6)
+DEFAULT_CALIBRATION_TOKENS = 24576
 WINDOW_TOKENS = 512
 
 
@@ -75,7 +76,7 @@ def calibrate(
     data_path: str | None = None,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     method: str = "channel-greedy",
-    max_tokens: int = 24576,
+    max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     eval_tokens: int = 4096,
     sae: SAEOptions | None = None,
 ) -> dict:

@@ -136,15 +136,16 @@ def threshold_rows(x: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tens
     rows, k = x.shape
     y = torch.empty_like(x)
     if rows:
-        pdl = x.is_cuda and _uses_pdl(x.device.index)
+        pdl = _uses_pdl(x.device)
         _threshold_rows[(rows, triton.cdiv(k, 1024))](x, thresholds, levels, y, k, BLOCK=1024, USE_GDC=pdl,
                                                        launch_pdl=pdl)
     return y
 
 
 @functools.cache
-def _uses_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _uses_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9 (Hopper) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
@@ -171,7 +172,7 @@ def sparse_gemv(
     if wt.shape[0] != k or thresholds.shape[-1] != k:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}, thresholds {tuple(thresholds.shape)}")
     block_b, block_k, block_n, chunks, num_warps = config or _launch_config(rows, k, n)
-    pdl = x.is_cuda and _uses_pdl(x.device.index)
+    pdl = _uses_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
     live = torch.empty(k, dtype=torch.int32, device=x.device)
