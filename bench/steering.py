@@ -110,8 +110,9 @@ def main() -> None:
     if not assets.available:
         raise SystemExit(f"{artifact} has no SAE or vectors to steer with")
     on_gpu = torch.cuda.is_available()
+    memory = {"gpu_memory_utilization": 0.85} if on_gpu else {"kv_cache_memory_bytes": 2**30}
     llm = LLM(model=str(model_path), hf_overrides=engine_overrides(model_path, artifact), max_model_len=512,
-              max_num_seqs=16, seed=0, gpu_memory_utilization=0.85 if on_gpu else 0.3, **engine_kwargs)
+              max_num_seqs=16, seed=0, **memory, **engine_kwargs)
     results = {"device": torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)",
                "model": model_name, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "batches": {},
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default")}

@@ -23,6 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+# KV cache of `thresher serve` on a CPU: ~45k tokens of the embedded model in float32
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
 
 ModelOption = Annotated[
     Optional[str],
@@ -126,6 +128,17 @@ def eval_command(
         print_report(report, console)
 
 
+def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool) -> dict:
+    if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
+        kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
+    args = {"gpu_memory_utilization": gpu_memory_utilization or 0.9}
+    if kv_cache_gib is not None:
+        if kv_cache_gib <= 0:
+            raise typer.BadParameter(f"must be positive, got {kv_cache_gib}", param_hint="--kv-cache-gib")
+        args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    return args
+
+
 def _parse_engine_args(pairs: list[str]) -> dict:
     parsed = {}
     for pair in pairs:
@@ -175,8 +188,11 @@ def serve_command(
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length; default: the model's.")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
-        help="Fraction of accelerator memory (on CPU: of RAM) for weights and KV cache; default 0.9 on GPU, "
-             "0.2 on CPU.")] = None,
+        help="Fraction of accelerator memory (on CPU: of the first NUMA node's RAM) for weights and KV cache; "
+             "default 0.9 on GPU. On CPU the KV cache is sized by --kv-cache-gib unless this is given.")] = None,
+    kv_cache_gib: Annotated[Optional[float], typer.Option(
+        help="KV cache size in GiB, overriding --gpu-memory-utilization; default on CPU: 2 (a fraction of RAM "
+             "breaks on machines whose NUMA node reports only part of their memory).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
     enforce_eager: Annotated[Optional[bool], typer.Option(
@@ -204,7 +220,7 @@ def serve_command(
             default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key,
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
-                "gpu_memory_utilization": gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2),
+                **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available()),
                 "max_num_seqs": max_num_seqs, "dtype": dtype,
                 "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
                 **_parse_engine_args(engine_arg),

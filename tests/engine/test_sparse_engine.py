@@ -30,7 +30,7 @@ def _engine(model_path, **kwargs):
     from vllm import LLM
 
     return LLM(model=str(model_path), max_model_len=256, dtype="float32", max_num_seqs=8,
-               gpu_memory_utilization=0.15, seed=0, **kwargs)
+               kv_cache_memory_bytes=2**28, seed=0, **kwargs)
 
 
 def _greedy(llm, prompts, levels):

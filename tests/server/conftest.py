@@ -48,7 +48,7 @@ def server(small_artifact, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     command = [sys.executable, "-m", "thresher", "serve", "--artifact", str(small_artifact), "--port", str(port),
                "--api-key", API_KEY, "--max-model-len", "512", "--max-num-seqs", "16", "--dtype", "float32",
-               "--gpu-memory-utilization", "0.15"]
+               "--kv-cache-gib", "0.25"]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                    start_new_session=True)

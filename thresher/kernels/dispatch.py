@@ -1,9 +1,12 @@
 """Pick the sparse-linear implementation by device, dtype and batch.
 
-Every path computes the same function, threshold(x) @ W^T: a request's sparsity level changes its activations
-whatever the batch it lands in. Only the speed differs: the Triton kernel skips weight rows that no row of the
-batch keeps, which pays while the batch is small; above the crossover the union of kept channels nears all of
-them, and thresholding followed by a dense matmul is faster.
+The caller thresholds x first, in plain torch (`reference.threshold_activations`), so that torch.compile's Inductor
+fuses the thresholding into the kernel that made x (in a Llama layer: the RMSNorm before q/k/v and gate/up, the
+SiLU-and-multiply before down), where it costs no pass of its own. What reaches `sparse_linear` is x with its skipped
+activations already zero, and every path computes x @ W^T: a request's sparsity level changes its activations
+whatever the batch it lands in. Only the speed differs: the Triton kernel skips the weight rows of channels that are
+zero in every row of the batch, which pays while the batch is small; above the crossover the union of kept channels
+nears all of them, and the dense matmul is faster.
 
 `sparse_linear` is a torch custom op, so torch.compile and CUDA-graph capture see one opaque call whose branch is
 decided by the (static, per captured graph) batch size.
@@ -12,8 +15,6 @@ decided by the (static, per captured graph) batch size.
 from __future__ import annotations
 
 import torch
-
-from thresher.kernels.reference import threshold_activations
 
 # Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows:
 # one Llama-3-8B layer on an H100 ran 1.52x at batch 1, 1.13x at 2, 0.94x at 4, 0.86x at 8
@@ -29,22 +30,18 @@ def use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("thresher::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """threshold(x) @ W^T for x `[rows, K]`, W `[N, K]` (any strides), thresholds `[L, K]`, levels `[rows]`.
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for a thresholded x `[rows, K]` and W `[N, K]` (any strides), skipping channels zero in every row.
 
     Store W as the transpose of a contiguous `[K, N]` tensor (`w.t().contiguous().t()`) to enable the Triton path.
     """
     if use_triton(x, weight):
         from thresher.kernels.triton_sparse import sparse_gemv
 
-        return sparse_gemv(x.contiguous(), weight.t(), thresholds, levels)
-    if x.is_cuda:
-        from thresher.kernels.triton_sparse import threshold_rows
-
-        return torch.nn.functional.linear(threshold_rows(x.contiguous(), thresholds, levels), weight)
-    return torch.nn.functional.linear(threshold_activations(x, thresholds[levels]), weight)
+        return sparse_gemv(x.contiguous(), weight.t())
+    return torch.nn.functional.linear(x, weight)
 
 
 @sparse_linear.register_fake
-def _sparse_linear_shape(x, weight, thresholds, levels):
+def _sparse_linear_shape(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0]))

@@ -44,7 +44,7 @@ def _wait_for_previous_kernel(USE_GDC: tl.constexpr):
 def _compact_live_channels(
     x_ptr, thresholds_ptr, levels_ptr, live_ptr, values_ptr, counts_ptr,
     B, K, chunk,
-    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, HAS_THRESHOLDS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
@@ -53,11 +53,17 @@ def _compact_live_channels(
     row_ok = rows < B
     k_ok = (offsets < chunk) & (ks < K)
     both = row_ok[:, None] & k_ok[None, :]
+    if HAS_THRESHOLDS:
+        # levels and thresholds were written before the previous kernel started, so their dependent loads may run
+        # before the wait, overlapping that kernel's tail
+        levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
+        t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
     _wait_for_previous_kernel(USE_GDC)
-    levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
     x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
-    t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
-    keep = (tl.abs(x.to(tl.float32)) > t) & both
+    if HAS_THRESHOLDS:
+        keep = (tl.abs(x.to(tl.float32)) > t) & both
+    else:
+        keep = (x != 0) & both
     live = tl.max(keep.to(tl.int32), axis=0)
     slot = tl.cumsum(live, axis=0) - 1
     base = pid * chunk
@@ -118,30 +124,6 @@ def _sum_chunks(partials_ptr, y_ptr, total, CHUNKS: tl.constexpr, BLOCK: tl.cons
     tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _threshold_rows(x_ptr, thresholds_ptr, levels_ptr, y_ptr, K, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    row = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = ks < K
-    _wait_for_previous_kernel(USE_GDC)
-    level = tl.load(levels_ptr + row)
-    x = tl.load(x_ptr + row * K + ks, mask=ok, other=0.0)
-    t = tl.load(thresholds_ptr + level * K + ks, mask=ok, other=0.0)
-    tl.store(y_ptr + row * K + ks, tl.where(tl.abs(x.to(tl.float32)) > t, x, 0.0), mask=ok)
-
-
-def threshold_rows(x: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """`reference.threshold_activations(x, thresholds[levels])` in one pass, without materialising the per-row
-    threshold matrix: the input side of the dense path above the crossover batch."""
-    rows, k = x.shape
-    y = torch.empty_like(x)
-    if rows:
-        pdl = _uses_pdl(x.device)
-        _threshold_rows[(rows, triton.cdiv(k, 1024))](x, thresholds, levels, y, k, BLOCK=1024, USE_GDC=pdl,
-                                                       launch_pdl=pdl)
-    return y
-
-
 @functools.cache
 def _uses_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch needs a CUDA device of compute capability 9 (Hopper) or newer."""
@@ -160,17 +142,25 @@ def _launch_config(rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
 
 
 def sparse_gemv(
-    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor, config=None
+    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor | None = None, levels: torch.Tensor | None = None,
+    config=None,
 ) -> torch.Tensor:
-    """y = threshold(x) @ Wt for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]` int."""
+    """y = threshold(x) @ Wt for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]` int.
+
+    Without thresholds, x is taken as already thresholded (the engine thresholds where Inductor can fuse it into
+    the producer of x) and the channels where every row is zero are skipped.
+    """
     rows, k = x.shape
     n = wt.shape[1]
-    if not (x.is_contiguous() and wt.is_contiguous() and thresholds.is_contiguous()):
+    has_thresholds = thresholds is not None
+    if has_thresholds and (levels is None or thresholds.shape[-1] != k):
+        raise ValueError(f"thresholds need levels and K = {k} columns")
+    if not (x.is_contiguous() and wt.is_contiguous() and (not has_thresholds or thresholds.is_contiguous())):
         raise ValueError("sparse_gemv needs contiguous x, Wt and thresholds")
     if rows > MAX_BATCH:
         raise ValueError(f"sparse_gemv takes at most {MAX_BATCH} rows, got {rows}")
-    if wt.shape[0] != k or thresholds.shape[-1] != k:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}, thresholds {tuple(thresholds.shape)}")
+    if wt.shape[0] != k:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}")
     block_b, block_k, block_n, chunks, num_warps = config or _launch_config(rows, k, n)
     pdl = _uses_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
@@ -179,9 +169,9 @@ def sparse_gemv(
     values = torch.empty((rows, k), dtype=torch.float32, device=x.device)
     counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
     _compact_live_channels[(chunks,)](
-        x, thresholds, levels, live, values, counts, rows, k, chunk,
+        x, thresholds if has_thresholds else x, levels if has_thresholds else x, live, values, counts, rows, k, chunk,
         BLOCK_B=triton.next_power_of_2(max(rows, 2)), CHUNK=triton.next_power_of_2(chunk),
-        USE_GDC=pdl, launch_pdl=pdl,
+        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, launch_pdl=pdl,
     )
     partials = torch.empty((chunks, rows, n), dtype=torch.float32, device=x.device)
     _gather_gemv_partials[(triton.cdiv(n, block_n), chunks)](
