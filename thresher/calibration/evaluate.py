@@ -85,16 +85,20 @@ def evaluate_levels(model, windows, thresholds: dict[str, torch.Tensor], levels:
 
 
 @contextlib.contextmanager
-def sae_spliced(model, sae):
+def sae_spliced(model, sae, record: list | None = None):
     """Within the block, the output of decoder layer `sae.hook_layer` is replaced by the SAE's reconstruction,
-    except at attention sinks, which SAEs are not trained on."""
+    except at attention sinks, which SAEs are not trained on. With `record`, each forward appends
+    `(residuals, reconstructions, not_sink)` of that layer (flattened over tokens) to it."""
     from thresher.calibration.sae_training import attention_sink_mask
 
     def splice(_module, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         flat = hidden.reshape(-1, hidden.shape[-1])
         keep = attention_sink_mask(flat.float())
-        spliced = torch.where(keep[:, None], sae(flat.float()).to(flat.dtype), flat).reshape(hidden.shape)
+        reconstruction = sae(flat.float())
+        if record is not None:
+            record.append((flat.float(), reconstruction, keep))
+        spliced = torch.where(keep[:, None], reconstruction.to(flat.dtype), flat).reshape(hidden.shape)
         return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
 
     handle = model.model.layers[sae.hook_layer].register_forward_hook(splice)

@@ -114,6 +114,16 @@ def _auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, error: torch.Tensor, d
     return (reconstruction - error).square().sum(dim=-1).mean() / error.square().sum(dim=-1).mean().clamp_min(1e-8)
 
 
+def unit_norm_decoder_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer step that keeps decoder rows at unit norm: the gradient component that would only change a row's
+    norm is dropped first, and the rows are renormalised after."""
+    with torch.no_grad():
+        rows = sae.W_dec
+        rows.grad -= (rows.grad * rows).sum(dim=1, keepdim=True) * rows
+    optimizer.step()
+    sae.normalize_decoder()
+
+
 def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str = "") -> SparseAutoencoder:
     """Fit a TopK SAE to `residuals.vectors`; returns it in raw residual units."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -150,13 +160,8 @@ def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str
             loss = mse + config.aux_coefficient * _auxk_loss(sae, pre, error.detach(), dead, config.aux_k)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            with torch.no_grad():
-                # keep unit-norm rows: drop the gradient component that would only change a row's norm
-                rows = sae.W_dec
-                rows.grad -= (rows.grad * rows).sum(dim=1, keepdim=True) * rows
-            optimizer.step()
+            unit_norm_decoder_step(sae, optimizer)
             schedule.step()
-            sae.normalize_decoder()
             progress.update()
             progress.set_postfix(fvu=f"{mse.item():.3f}", dead=int(dead.sum()))
     progress.close()
