@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEVELS, SAEOptions, calibrate,
                                           evaluate_artifacts)
+from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
 from thresher.calibration.report import print_report
 from thresher.calibration.thresholds import METHODS
@@ -75,6 +76,9 @@ def calibrate_command(
     sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = TrainingConfig.expansion,
     sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = TrainingConfig.k,
     sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = TrainingConfig.epochs,
+    sae_finetune_tokens: Annotated[int, typer.Option(
+        help="Tokens of end-to-end fine-tuning after the SAE's reconstruction training: the KL divergence of the "
+             "model with the SAE spliced in from the dense model (0: none).")] = FineTuneConfig.tokens,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help='jsonl of {"name", "positive", "negative"} texts for contrastive steering vectors; '
              "default: the built-in formal / positive / terse pairs.")] = None,
@@ -88,10 +92,13 @@ def calibrate_command(
 
     if method not in METHODS:
         raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}", param_hint="--method")
+    if sae_finetune_tokens < 0:
+        raise typer.BadParameter("must be 0 or more", param_hint="--sae-finetune-tokens")
     options = None
     if sae:
         options = SAEOptions(layer=sae_layer, tokens=sae_tokens, pairs=steering_pairs,
-                             training=TrainingConfig(expansion=sae_expansion, k=sae_k, epochs=sae_epochs))
+                             training=TrainingConfig(expansion=sae_expansion, k=sae_k, epochs=sae_epochs),
+                             finetune=FineTuneConfig(tokens=sae_finetune_tokens))
     try:
         report = calibrate(model, out, data_path=data, levels=_parse_levels(levels), method=method,
                            max_tokens=max_tokens, eval_tokens=eval_tokens, sae=options)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
+from thresher.calibration.evaluate import sae_spliced
+from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
 from thresher.calibration.sae_training import Residuals, TrainingConfig, measure_sae, train_topk_sae
+from thresher.data import load_texts, token_windows
 from thresher.sae import SAEError, SparseAutoencoder, load_sae
 from tests.helpers import (STEERING_STRENGTHS, densest_features, mean_activation_by_strength,
                            reference_steered_generation)
@@ -86,6 +90,8 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     # a small test budget (8k tokens, 2 epochs); the default calibration's numbers are in the README
     assert 0 < sae["fvu"] < 0.7, sae
     assert sae["perplexity_increase"] > -0.5
+    end_to_end = json.loads((small_artifact / "manifest.json").read_text())["calibration"]["steering"]["end_to_end"]
+    assert end_to_end["steps"] == 2 and end_to_end["kl_first"] > 0, end_to_end
     # dead: never fired on the training tokens, i.e. not in the catalog; silent: never fired on the held-out tokens
     assert sae["dead_fraction"] == round(1 - len(assets.catalog) / sae["d_sae"], 4) < 1
     assert 0 <= sae["held_out_silent_fraction"] <= 1
@@ -131,3 +137,26 @@ def test_adding_a_feature_direction_raises_that_feature_on_generated_text(hf_mod
                                                                         max_new_tokens=24)
     activations = mean_activation_by_strength(model, assets, prompt_ids, generated)
     assert activations[0] < activations[1] < activations[2], activations
+
+
+def _spliced_kl(model, sae, windows) -> float:
+    """Mean KL divergence per token of the model with `sae` spliced in from the dense model."""
+    with torch.no_grad():
+        ids = torch.tensor(windows)
+        dense = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+        with sae_spliced(model, sae):
+            spliced = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+    return float(torch.nn.functional.kl_div(spliced, dense, log_target=True, reduction="none").sum(-1).mean())
+
+
+def test_end_to_end_finetune_brings_the_spliced_model_closer_to_the_dense_one(hf_model, assets):
+    model, tokenizer = hf_model
+    windows = list(token_windows(load_texts(None, "calibration"), tokenizer, 256, 10 * 256))
+    held_out = list(token_windows(load_texts(None, "evaluation"), tokenizer, 256, 2 * 256))
+    sae = copy.deepcopy(assets.sae)
+    before = _spliced_kl(model, sae, held_out)
+    summary = finetune_sae_end_to_end(model, sae, windows, FineTuneConfig(learning_rate=1e-3))
+    after = _spliced_kl(model, sae, held_out)
+    assert summary["steps"] == 5 and after < 0.9 * before, (before, after, summary)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-4)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # the model stays untouched

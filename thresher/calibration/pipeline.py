@@ -14,6 +14,7 @@ from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
 from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
+from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
 from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
                                                train_topk_sae)
 from thresher.calibration.statistics import collect_activation_statistics
@@ -46,6 +47,7 @@ class SAEOptions:
     layer: int | None = None
     tokens: int = 262144
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     pairs: str | Path | None = None
 
 
@@ -59,6 +61,8 @@ def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: 
     training_set = residuals.vectors[keep]
     sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], residuals.window_length),
                          options.training, model_name)
+    finetune_windows = windows[: options.finetune.tokens // residuals.window_length]
+    end_to_end = finetune_sae_end_to_end(model, sae, finetune_windows, options.finetune)
     catalog = build_feature_catalog(sae, residuals, tokenizer, keep)
     residual_norm = float(training_set.norm(dim=1).median())
     vectors, vector_info = contrastive_vectors(model, tokenizer, read_pairs(options.pairs), layer, residual_norm)
@@ -67,7 +71,8 @@ def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: 
         info["source"] = source
 
     save_steering_assets(out, sae, catalog, vectors, vector_info)
-    return {"layer": layer, "tokens": int(keep.sum()), "live_features": len(catalog), "vectors": sorted(vectors)}
+    return {"layer": layer, "tokens": int(keep.sum()), "live_features": len(catalog), "vectors": sorted(vectors),
+            "end_to_end": end_to_end}
 
 
 def calibrate(
