@@ -5,6 +5,7 @@ activation kept), level 2 thresholds are huge (every activation zeroed); a rando
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from thresher.sae import SparseAutoencoder
 from thresher.steering import SteeringAssets, save_steering_assets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
+# this process has initialised CUDA (the skip check above), so vLLM's engine process must not be forked from it
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
