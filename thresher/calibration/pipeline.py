@@ -45,7 +45,7 @@ class SAEOptions:
     its feature catalog, and contrastive vectors from `pairs` (default: the built-in set)."""
 
     layer: int | None = None
-    tokens: int = 262144
+    tokens: int = 393216
     training: TrainingConfig = field(default_factory=TrainingConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     pairs: str | Path | None = None
