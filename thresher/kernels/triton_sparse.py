@@ -104,8 +104,6 @@ def _gather_gemv_partials(
         # wait on a dependent index load (Triton's own pipelining of this loop was slower)
         ks = tl.load(live_ptr + base + slots + BLOCK_K, mask=slots + BLOCK_K < count, other=0)
         if NATIVE_DOT:
-            # tensor cores on the half-precision tiles, fp32 accumulation: even a single row is cheaper padded to
-            # BLOCK_B rows this way than as fp32 multiply-adds (fewer registers, no conversions)
             acc += tl.dot(x, w)
         else:
             # the CPU interpreter gets bf16 products wrong (numpy has no bfloat16), so it multiplies in fp32
