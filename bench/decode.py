@@ -8,7 +8,8 @@ vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1).
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
 the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is the
-level's quantile of its recorded decode inputs.
+level's quantile of its recorded decode inputs. The decode-time sparsity each level then reaches is measured and
+printed too (an eager engine with thresher's meter on, batch 1).
 """
 
 from __future__ import annotations
@@ -91,6 +92,25 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
     return fitted_dir
 
 
+def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) -> dict[float, float]:
+    """Weighted activation sparsity that each level reaches on decode tokens (batch 1, 64 new tokens), from an eager
+    engine with thresher's meter on: the thresholds were fitted on other decode steps, and the speed depends on what
+    the timed runs actually skip."""
+    os.environ["THRESHER_MEASURE_SPARSITY"] = "1"  # read by the engine's worker at start
+    try:
+        llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, artifact),
+                      worker_extension_cls=EXTENSION)
+    finally:
+        del os.environ["THRESHER_MEASURE_SPARSITY"]
+    measured = {}
+    for level in levels:
+        llm.collective_rpc("thresher_decode_sparsity")
+        _decode(llm, 1, level, new_tokens=64)
+        measured[level] = round(llm.collective_rpc("thresher_decode_sparsity")[0], 4)
+    _shutdown(llm)
+    return measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/decode.json")
@@ -105,10 +125,12 @@ def main() -> None:
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA3_8B | {"num_hidden_layers": args.layers}))
     artifact = fit_artifact(model, levels, work)
+    measured = measure_decode_sparsity(model, artifact, levels)
 
     results = {"device": torch.cuda.get_device_name(), "model": f"Llama-3-8B shape, {args.layers} layers, dummy bf16",
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rows": []}
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+               "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
     stock = _engine(model)
     _decode(stock, 1, None, new_tokens=16)
     dense = {b: b * NEW_TOKENS / _decode(stock, b, None) for b in batches}
@@ -125,6 +147,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\n{results['device']}, {results['model']}, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy")
+    print("measured decode sparsity (batch 1): " + ", ".join(f"level {k}: {v}" for k, v in measured.items()))
     print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9}")
     for row in results["rows"]:
         print(f"{row['batch']:>5} {str(row['level']):>12} {row['tok_s']:>9} {row['ratio']:>9}")
