@@ -94,10 +94,11 @@ def sae_spliced(model, sae, record: list | None = None):
     def splice(_module, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         flat = hidden.reshape(-1, hidden.shape[-1])
-        keep = attention_sink_mask(flat.float())
-        reconstruction = sae(flat.float())
+        residuals = flat.float()
+        keep = attention_sink_mask(residuals)
+        reconstruction = sae(residuals)
         if record is not None:
-            record.append((flat.float(), reconstruction, keep))
+            record.append((residuals, reconstruction, keep))
         spliced = torch.where(keep[:, None], reconstruction.to(flat.dtype), flat).reshape(hidden.shape)
         return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
 

@@ -11,7 +11,6 @@ unit norm.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from thresher.calibration.evaluate import sae_spliced
 from thresher.calibration.sae_training import unit_norm_decoder_step
+from thresher.calibration.statistics import frozen_parameters
 from thresher.sae import SparseAutoencoder
 
 
@@ -29,18 +29,6 @@ class FineTuneConfig:
     learning_rate: float = 1e-4
     # weight of the reconstruction term (fraction of variance unexplained) beside the KL divergence in nats per token
     reconstruction_weight: float = 1.0
-
-
-@contextlib.contextmanager
-def _frozen(model):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _fraction_unexplained(residuals: torch.Tensor, reconstructions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -54,7 +42,8 @@ def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[in
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate)
     steps = [windows[i : i + config.windows_per_step] for i in range(0, len(windows), config.windows_per_step)]
     history = []
-    with _frozen(model), tqdm(steps, desc=f"SAE layer {sae.hook_layer}, end-to-end", unit="step", leave=False) as bar:
+    progress = tqdm(steps, desc=f"SAE layer {sae.hook_layer}, end-to-end", unit="step", leave=False)
+    with frozen_parameters(model), progress as bar:
         for batch in bar:
             ids = torch.tensor(batch)
             with torch.no_grad():

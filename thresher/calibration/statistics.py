@@ -8,6 +8,7 @@ same unit, which is what the greedy allocation in `thresholds.py` needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -86,6 +87,19 @@ class ActivationStatistics:
     histograms: dict[str, ChannelHistogram] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """Within the block no parameter of `model` takes gradients (activations still can); flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def collect_activation_statistics(model, windows: list[list[int]], batch_size: int = 4) -> ActivationStatistics:
     """Run the model forward and backward (next-token loss) over the windows and histogram every projection input.
 
@@ -117,21 +131,17 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
         for group in PROJECTION_GROUPS:
             hook_group(index, group)
 
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     try:
         batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-        for batch in tqdm(batches, desc="activation statistics", unit="batch"):
-            ids = torch.tensor(batch)
-            embeds = model.get_input_embeddings()(ids).requires_grad_()
-            loss = model(inputs_embeds=embeds, labels=ids).loss * ids.numel()
-            loss.backward()
-            stats.tokens += ids.numel()
+        with frozen_parameters(model):
+            for batch in tqdm(batches, desc="activation statistics", unit="batch"):
+                ids = torch.tensor(batch)
+                embeds = model.get_input_embeddings()(ids).requires_grad_()
+                loss = model(inputs_embeds=embeds, labels=ids).loss * ids.numel()
+                loss.backward()
+                stats.tokens += ids.numel()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
     log.info("collected statistics of %d tensors over %d tokens", len(stats.histograms), stats.tokens)
     return stats
