@@ -107,6 +107,24 @@ class ThresherWorkerExtension:
         return fitted
 
 
+def enable_inductor_pdl(device: torch.device) -> bool:
+    """Have torch.compile's Inductor kernels use programmatic dependent launch, on GPUs that support it (Hopper and
+    newer), so that the first launch of each sparse projection is scheduled while the RMSNorm or SiLU-and-multiply
+    kernel before it still runs, as the kernel's own three launches already are. Inductor leaves it off by default;
+    an explicit TORCHINDUCTOR_ENABLE_PDL is left to win. On an H100 (Llama-3-8B shape, batch 1, 50%) decode went
+    from 1.349x to 1.376x stock vLLM; stock vLLM with the same setting gained 0.5%."""
+    if device.type != "cuda" or "TORCHINDUCTOR_ENABLE_PDL" in os.environ:
+        return False
+    from torch._inductor import config
+
+    from thresher.kernels.triton_sparse import supports_pdl
+
+    if not (supports_pdl(device) and hasattr(config.triton, "enable_pdl")):
+        return False
+    config.triton.enable_pdl = True
+    return True
+
+
 class ThresholdedLinearMethod(LinearMethodBase):
     """Wraps a projection's own linear method: its input is thresholded by each token's level.
 
@@ -180,6 +198,8 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
                                                                   self.sparsity_meter)
         log.info("thresher: %d layers sparsified with levels %s (%s)", len(self.model.layers), artifact.levels,
                  artifact.method)
+        if enable_inductor_pdl(device):
+            log.info("thresher: Inductor kernels use programmatic dependent launch")
 
     def get_model_state_cls(self):
         """vLLM's V2 model runner asks the model for its per-request input state: thresher's feeds the levels and

@@ -124,7 +124,7 @@ def _sum_chunks(partials_ptr, y_ptr, total, CHUNKS: tl.constexpr, BLOCK: tl.cons
 
 
 @functools.cache
-def _uses_pdl(device: torch.device) -> bool:
+def supports_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch needs a CUDA device of compute capability 9 (Hopper) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -158,7 +158,7 @@ def sparse_gemv(
     if wt.shape[0] != k:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}")
     block_k, block_n, chunks, num_warps = config or _launch_config(k, n)
-    pdl = _uses_pdl(x.device)
+    pdl = supports_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
     live = torch.empty(k, dtype=torch.int32, device=x.device)
