@@ -70,12 +70,13 @@ def time_ms(call, rot: Rotating, rep: int = 100) -> float:
 def sweep_configs(k, n, batch, rot, dtype):
     x, thresholds, levels = make_inputs(batch, k, 0.5, dtype)
     best = None
-    for block_k, block_n, waves, warps in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8)):
+    for block_k, block_n, waves, warps, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8),
+                                                                    (1, 2)):
         if block_k * block_n > 128 * 128:
             continue
         n_blocks = triton.cdiv(n, block_n)
         splits = max(1, min(triton.cdiv(k, block_k), triton.cdiv(waves * 132, n_blocks)))
-        config = (block_k, block_n, splits, warps)
+        config = (block_k, block_n, splits, warps, stages)
         try:
             ms = time_ms(lambda i: sparse_gemv(x, rot.wt[i], thresholds, levels, config=config), rot, rep=30)
         except Exception:  # a config that does not compile (too many registers/shared memory) is skipped

@@ -104,11 +104,13 @@ def test_channels_zero_in_every_row_are_never_read(rows):
     _check(y, x.double() @ w.double().t(), torch.float16)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_many_chunks_add_up_call_after_call(rows):
-    # nine chunks of input channels each leave a partial sum; repeated calls must each add up only their own
+def test_many_chunks_add_up_call_after_call(rows, stages):
+    # nine chunks of input channels each leave a partial sum; repeated calls must each add up only their own (both
+    # gather loops: the prefetching one, and Triton's pipelined one)
     x, w, thresholds, levels = _case(rows, 300, 72, torch.float16)
-    config = (16, 32, 9, 4)
+    config = (16, 32, 9, 4, stages)
     ref = _reference(x, w, thresholds, levels)
     for _ in range(3):
         _check(sparse_gemv(x, w.t().contiguous(), thresholds, levels, config=config), ref, torch.float16)

@@ -76,11 +76,19 @@ def _compact_live_channels(
 
 
 @triton.jit
+def _accumulate(acc, x, w, NATIVE_DOT: tl.constexpr):
+    if NATIVE_DOT:
+        return acc + tl.dot(x, w)
+    # the CPU interpreter gets bf16 products wrong (numpy has no bfloat16), so it multiplies in fp32
+    return acc + tl.dot(x.to(tl.float32), w.to(tl.float32))
+
+
+@triton.jit
 def _gather_gemv_partials(
     wt_ptr, live_ptr, values_ptr, counts_ptr, partials_ptr,
     B, K, N, chunk,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -93,21 +101,28 @@ def _gather_gemv_partials(
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     _wait_for_previous_kernel(USE_GDC)
     count = tl.load(counts_ptr + pid_k)
-    ks = tl.load(live_ptr + base + lanes, mask=lanes < count, other=0)
-    for i in range(0, count, BLOCK_K):
-        slots = i + lanes
-        slot_ok = slots < count
-        w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-        x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :],
-                    other=0.0)
-        # the next iteration's channel list loads while this one's weight rows do, so the weight gather does not
-        # wait on a dependent index load (Triton's own pipelining of this loop was slower)
-        ks = tl.load(live_ptr + base + slots + BLOCK_K, mask=slots + BLOCK_K < count, other=0)
-        if NATIVE_DOT:
-            acc += tl.dot(x, w)
-        else:
-            # the CPU interpreter gets bf16 products wrong (numpy has no bfloat16), so it multiplies in fp32
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+    if STAGES == 1:
+        ks = tl.load(live_ptr + base + lanes, mask=lanes < count, other=0)
+        for i in range(0, count, BLOCK_K):
+            slots = i + lanes
+            slot_ok = slots < count
+            w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :],
+                        mask=row_ok[:, None] & slot_ok[None, :], other=0.0)
+            # the next iteration's channel list loads while this one's weight rows do, so the weight gather does
+            # not wait on a dependent index load
+            ks = tl.load(live_ptr + base + slots + BLOCK_K, mask=slots + BLOCK_K < count, other=0)
+            acc = _accumulate(acc, x, w, NATIVE_DOT)
+    else:
+        # Triton's software pipelining (asynchronous copies STAGES - 1 iterations ahead)
+        for i in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+            slots = i + lanes
+            slot_ok = slots < count
+            ks = tl.load(live_ptr + base + slots, mask=slot_ok, other=0)
+            w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :],
+                        mask=row_ok[:, None] & slot_ok[None, :], other=0.0)
+            acc = _accumulate(acc, x, w, NATIVE_DOT)
     out = partials_ptr + pid_k * B * N + rows[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -129,12 +144,17 @@ def supports_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch_config(k: int, n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_K, BLOCK_N, chunks, num_warps), from sweeps on an H100 (Llama-3-8B shapes, `bench/kernels.py
-    --sweep`): about four programs per SM (~540 in all), the chunk count rounded down."""
+def _launch_config(k: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_K, BLOCK_N, chunks, num_warps, STAGES), from sweeps on an H100 (Llama-3-8B shapes, batch 1 and 2 at
+    50% sparsity, `bench/kernels.py --sweep`): about four programs per SM (~540 in all), the chunk count rounded
+    down. Narrow outputs (qkv, o) take 64-column blocks and Triton's 2-stage pipelining (0.7-0.9 us faster per call
+    at batch 1); wide ones (gate_up, down) the 128-column loop with its prefetched channel list (pipelining it was
+    1-4% slower)."""
     block_k, block_n = 64, 128
-    chunks = 544 // triton.cdiv(n, block_n)
-    return block_k, block_n, max(1, min(chunks, triton.cdiv(k, 2 * block_k))), 4
+    chunks = max(1, min(544 // triton.cdiv(n, block_n), triton.cdiv(k, 2 * block_k)))
+    if n <= 8192:
+        return block_k, 64, chunks, 4, 2
+    return block_k, block_n, chunks, 4, 1
 
 
 def sparse_gemv(
@@ -157,7 +177,7 @@ def sparse_gemv(
         raise ValueError(f"sparse_gemv takes at most {MAX_BATCH} rows, got {rows}")
     if wt.shape[0] != k:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}")
-    block_k, block_n, chunks, num_warps = config or _launch_config(k, n)
+    block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n)
     pdl = supports_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
@@ -172,8 +192,8 @@ def sparse_gemv(
     partials = torch.empty((chunks, rows, n), dtype=torch.float32, device=x.device)
     _gather_gemv_partials[(triton.cdiv(n, block_n), chunks)](
         wt, live, values, counts, partials, rows, k, n, chunk,
-        BLOCK_B=MAX_BATCH, BLOCK_K=block_k, BLOCK_N=block_n, NATIVE_DOT=x.is_cuda, num_warps=num_warps,
-        USE_GDC=pdl, launch_pdl=pdl,
+        BLOCK_B=MAX_BATCH, BLOCK_K=block_k, BLOCK_N=block_n, STAGES=stages, NATIVE_DOT=x.is_cuda,
+        num_warps=num_warps, USE_GDC=pdl, launch_pdl=pdl,
     )
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     total = rows * n
