@@ -146,10 +146,10 @@ def supports_pdl(device: torch.device) -> bool:
 
 def _launch_config(k: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_K, BLOCK_N, chunks, num_warps, STAGES), from sweeps on an H100 (Llama-3-8B shapes, batch 1 and 2 at
-    50% sparsity, `bench/kernels.py --sweep`): about four programs per SM (~540 in all), the chunk count rounded
-    down. Narrow outputs (qkv, o) take 64-column blocks and Triton's 2-stage pipelining (0.7-0.9 us faster per call
-    at batch 1); wide ones (gate_up, down) the 128-column loop with its prefetched channel list (pipelining it was
-    1-4% slower)."""
+    50% sparsity): the input channels split into 544 / (N / 128) chunks (about four 128-column programs per SM),
+    rounded down. Narrow outputs (qkv, o) then gather 64-column blocks, twice the programs, through Triton's 2-stage
+    pipelining: 0.7-0.9 us faster per call at batch 1. Wide ones (gate_up, down) keep 128-column blocks and the loop
+    that prefetches its channel list; pipelined, they were 1-4% slower."""
     block_k, block_n = 64, 128
     chunks = max(1, min(544 // triton.cdiv(n, block_n), triton.cdiv(k, 2 * block_k)))
     if n <= 8192:
