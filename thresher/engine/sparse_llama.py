@@ -3,8 +3,10 @@
 Each decoder layer's q/k/v, o, gate/up and down projections get the artifact's thresholds for their input
 (`[levels, in_features]`, row-parallel inputs sliced to this rank's shard), read the level of every token from
 `TokenLevels`, threshold their input, and run through `kernels.dispatch.sparse_linear` on CUDA (the Triton kernel,
-which skips the channels zeroed in every row, for small decode batches). Level 0 thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock
-vLLM; on CUDA they are the same function through thresher's kernels.
+which skips the channels zeroed in every row, for small decode batches). Level 0 thresholds are zeros, which keep
+every activation: on the CPU, dense requests are exactly stock vLLM; on CUDA they are the same function through
+thresher's kernels. On Hopper GPUs the model also turns on Inductor's programmatic dependent launch
+(`enable_inductor_pdl`).
 """
 
 from __future__ import annotations
