@@ -76,8 +76,21 @@ def _compact_live_channels(
 
 
 @triton.jit
+def _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok, base, K, N):
+    """The values `[BLOCK_B, BLOCK_K]` at compacted positions `slots` and the weight rows `[BLOCK_K, BLOCK_N]` of
+    their channels `ks`."""
+    slot_ok = slots < count
+    w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+    x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :],
+                other=0.0)
+    return x, w
+
+
+@triton.jit
 def _accumulate(acc, x, w, NATIVE_DOT: tl.constexpr):
     if NATIVE_DOT:
+        # tensor cores on the half-precision tiles, fp32 accumulation: even a single row is cheaper padded to
+        # BLOCK_B rows this way than as fp32 multiply-adds (fewer registers, no conversions)
         return acc + tl.dot(x, w)
     # the CPU interpreter gets bf16 products wrong (numpy has no bfloat16), so it multiplies in fp32
     return acc + tl.dot(x.to(tl.float32), w.to(tl.float32))
@@ -105,10 +118,7 @@ def _gather_gemv_partials(
         ks = tl.load(live_ptr + base + lanes, mask=lanes < count, other=0)
         for i in range(0, count, BLOCK_K):
             slots = i + lanes
-            slot_ok = slots < count
-            w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-            x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :],
-                        mask=row_ok[:, None] & slot_ok[None, :], other=0.0)
+            x, w = _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok, base, K, N)
             # the next iteration's channel list loads while this one's weight rows do, so the weight gather does
             # not wait on a dependent index load
             ks = tl.load(live_ptr + base + slots + BLOCK_K, mask=slots + BLOCK_K < count, other=0)
@@ -117,11 +127,8 @@ def _gather_gemv_partials(
         # Triton's software pipelining (asynchronous copies STAGES - 1 iterations ahead)
         for i in tl.range(0, count, BLOCK_K, num_stages=STAGES):
             slots = i + lanes
-            slot_ok = slots < count
-            ks = tl.load(live_ptr + base + slots, mask=slot_ok, other=0)
-            w = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-            x = tl.load(values_ptr + rows[:, None] * K + base + slots[None, :],
-                        mask=row_ok[:, None] & slot_ok[None, :], other=0.0)
+            ks = tl.load(live_ptr + base + slots, mask=slots < count, other=0)
+            x, w = _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok, base, K, N)
             acc = _accumulate(acc, x, w, NATIVE_DOT)
     out = partials_ptr + pid_k * B * N + rows[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
