@@ -8,8 +8,10 @@ vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1).
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
 the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is the
-level's quantile of its recorded decode inputs. The decode-time sparsity each level then reaches is measured and
-printed too (an eager engine with thresher's meter on, batch 1).
+level's quantile of its recorded decode inputs. The fit decodes the batch-1 prompt for the same 256 positions that
+are timed, since activations drift with position: fitted on 32 steps of another batch, the 50% level skipped 48.9%.
+The decode-time sparsity each level then reaches is measured and printed too (an eager engine with thresher's meter
+on, the same batch-1 decode).
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
     Artifact(identity, [0.0, *levels], "teal-uniform", zeros).save(placeholder)
     llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, placeholder),
                   worker_extension_cls=EXTENSION)
-    llm.collective_rpc("thresher_record_decode_inputs", args=(True,))
-    _decode(llm, 8, 0.0, new_tokens=32)
+    llm.collective_rpc("thresher_record_decode_inputs", args=(True, 1))  # one row per forward: decode, not prefill
+    _decode(llm, 1, 0.0)
     fitted = llm.collective_rpc("thresher_fit_uniform_thresholds", args=(levels,))[0]
     _shutdown(llm)
     thresholds = {}
@@ -93,9 +95,9 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
 
 
 def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) -> dict[float, float]:
-    """Weighted activation sparsity that each level reaches on decode tokens (batch 1, 64 new tokens), from an eager
-    engine with thresher's meter on: the thresholds were fitted on other decode steps, and the speed depends on what
-    the timed runs actually skip."""
+    """Weighted activation sparsity that each level reaches on the timed batch-1 decode, from an eager engine with
+    thresher's meter on: the thresholds were fitted on the dense decode, and the speed depends on what the sparse
+    runs actually skip."""
     os.environ["THRESHER_MEASURE_SPARSITY"] = "1"  # read by the engine's worker at start
     try:
         llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, artifact),
@@ -105,7 +107,7 @@ def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) ->
     measured = {}
     for level in levels:
         llm.collective_rpc("thresher_decode_sparsity")
-        _decode(llm, 1, level, new_tokens=64)
+        _decode(llm, 1, level)
         measured[level] = round(llm.collective_rpc("thresher_decode_sparsity")[0], 4)
     _shutdown(llm)
     return measured
