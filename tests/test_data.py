@@ -57,3 +57,9 @@ class _CharTokenizer:
 def test_token_windows_are_full_and_bounded():
     windows = list(token_windows(["abcdef", "ghij"], _CharTokenizer(), window=4, max_tokens=8))
     assert windows == [[97, 98, 99, 100], [101, 102, 0, 103]]
+
+
+def test_token_windows_start_at_the_offset_across_texts():
+    # "abc" + EOS is 4 tokens, so an offset of 5 starts at the second letter of the second text
+    windows = list(token_windows(["abc", "defgh"], _CharTokenizer(), window=2, max_tokens=4, offset=5))
+    assert windows == [[101, 102], [103, 104]]

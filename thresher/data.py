@@ -97,14 +97,16 @@ def load_texts(path: str | Path | None, split: str) -> list[str]:
     return read_texts(path) if path else default_texts(split)
 
 
-def token_windows(texts: list[str], tokenizer, window: int, max_tokens: int) -> Iterator[list[int]]:
-    """Consecutive windows of `window` tokens over the concatenated texts (BOS-free, EOS between texts),
-    stopping once `max_tokens` tokens have been yielded; a final partial window is dropped."""
+def token_windows(texts: list[str], tokenizer, window: int, max_tokens: int, offset: int = 0) -> Iterator[list[int]]:
+    """Consecutive windows of `window` tokens over the concatenated texts (BOS-free, EOS between texts), starting
+    `offset` tokens in, stopping once `max_tokens` tokens have been yielded; a final partial window is dropped."""
     buffer: list[int] = []
     emitted = 0
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in texts:
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        skipped = min(offset, len(buffer))
+        buffer, offset = buffer[skipped:], offset - skipped
         while len(buffer) >= window:
             if emitted + window > max_tokens:
                 return

@@ -15,8 +15,8 @@ from thresher.calibration.catalog import build_feature_catalog
 from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
-from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, collect_residuals, measure_sae,
-                                               train_topk_sae)
+from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, bf16_is_native,
+                                               collect_residuals, measure_sae, train_topk_sae)
 from thresher.calibration.statistics import collect_activation_statistics
 from thresher.calibration.thresholds import fit_channel_thresholds
 from thresher.calibration.vectors import contrastive_vectors, read_pairs
@@ -46,24 +46,36 @@ class SAEOptions:
 
     layer: int | None = None
     tokens: int = 393216
+    # Each text token is read in this many windows, offset by a fraction of a window, so the SAE also sees it after
+    # contexts of other lengths: more distinct residuals from the same text. The embedded model, layer 15, same-run
+    # A/B without the fine-tune: held-out FVU 0.190 -> 0.186 and spliced perplexity +29.4% -> +27.2%, with 2 epochs
+    # over both views instead of 3 over one.
+    context_views: int = 2
     training: TrainingConfig = field(default_factory=TrainingConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     pairs: str | Path | None = None
 
 
-def _write_steering_assets(model, tokenizer, windows, options: SAEOptions, out: Path, model_name: str) -> dict:
+def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptions, out: Path,
+                           model_name: str) -> dict:
     """Train the SAE, build its catalog and the vectors, and write them into `out` (replacing older ones)."""
     layer = model.config.num_hidden_layers // 2 if options.layer is None else options.layer
-    residuals = collect_residuals(model, windows, layer)
+    windows = _windows(texts, tokenizer, options.tokens, "calibration")
+    length = len(windows[0])
+    offsets = [view * length // options.context_views for view in range(1, options.context_views)]
+    shifted = [w for offset in offsets for w in data.token_windows(texts, tokenizer, length, options.tokens, offset)]
+    residuals = collect_residuals(model, windows + shifted, layer, bf16=bf16_is_native(model.device))
     keep = attention_sink_mask(residuals.vectors)
-    log.info("SAE on layer %d: %d residuals (%d attention-sink tokens left out)", layer, int(keep.sum()),
-             int((~keep).sum()))
+    log.info("SAE on layer %d: %d residuals from %d text tokens in %d views (%d attention-sink tokens left out)", layer,
+             int(keep.sum()), len(windows) * length, options.context_views, int((~keep).sum()))
     training_set = residuals.vectors[keep]
-    sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], residuals.window_length),
-                         options.training, model_name)
-    finetune_windows = windows[: options.finetune.tokens // residuals.window_length]
-    end_to_end = finetune_sae_end_to_end(model, sae, finetune_windows, options.finetune)
-    catalog = build_feature_catalog(sae, residuals, tokenizer, keep)
+    sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], length), options.training,
+                         model_name)
+    end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune)
+    # the catalog's contexts come from the first view only, so that no text position is listed twice
+    first = len(windows) * length
+    first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
+    catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
     residual_norm = float(training_set.norm(dim=1).median())
     vectors, vector_info = contrastive_vectors(model, tokenizer, read_pairs(options.pairs), layer, residual_norm)
     source = str(options.pairs) if options.pairs else "built-in pairs"
@@ -100,8 +112,8 @@ def calibrate(
     out.mkdir(parents=True, exist_ok=True)
     steering = {}
     if sae is not None:
-        sae_windows = _windows(data.load_texts(data_path, "calibration"), tokenizer, sae.tokens, "calibration")
-        steering = _write_steering_assets(hf_model, tokenizer, sae_windows, sae, out, resolved.name)
+        steering = _write_steering_assets(hf_model, tokenizer, data.load_texts(data_path, "calibration"), sae, out,
+                                          resolved.name)
     artifact = Artifact(
         model=model_identity(resolved.path, resolved.name),
         levels=[0.0, *levels],

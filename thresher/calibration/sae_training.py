@@ -36,10 +36,23 @@ class Residuals:
     window_length: int  # vectors are whole windows, row-major: token t sits in window t // window_length
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run in hardware here: CUDA, or a CPU with AVX512-BF16 or AMX (oneDNN uses them)."""
+    if device.type == "cuda":
+        return True
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return device.type == "cpu" and any(check is not None and check() for check in checks)
+
+
 @torch.no_grad()
 def collect_residuals(model, windows: list[list[int]], layer: int, batch_size: int = 8,
-                      desc: str = "residual stream") -> Residuals:
-    """The output of decoder layer `layer` for every token of the windows (the forward stops after that layer)."""
+                      desc: str = "residual stream", bf16: bool = False) -> Residuals:
+    """The output of decoder layer `layer` for every token of the windows (the forward stops after that layer).
+
+    With `bf16`, the forward runs under bfloat16 autocast: 3x faster on a CPU with AMX (the embedded model, 16k
+    tokens: 2.7 s instead of 8.1 s), with residuals 0.5% off in norm (median), which is enough to train on; held-out
+    measurements keep full precision.
+    """
     layers = model.model.layers
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range: the model has decoder layers 0..{len(layers) - 1}")
@@ -58,7 +71,8 @@ def collect_residuals(model, windows: list[list[int]], layer: int, batch_size: i
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
             try:
-                model.model(torch.tensor(windows[start : start + batch_size]))
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    model.model(torch.tensor(windows[start : start + batch_size]))
             except _StopForward:
                 pass
             block = captured.pop()
@@ -94,8 +108,9 @@ class TrainingConfig:
     expansion: int = 8
     k: int = 32
     # 131k tokens x 8 epochs overfit (train / held-out FVU 0.138 / 0.213); 262k x 4 gave 0.157 / 0.199, and 393k x 3
-    # held-out 0.190 (spliced perplexity +29% instead of +34%, before the end-to-end fine-tune)
-    epochs: int = 3
+    # held-out 0.190 (spliced perplexity +29% instead of +34%, before the end-to-end fine-tune); 393k text tokens in
+    # two context views (786k residuals, see SAEOptions.context_views) x 2 gave 0.186 (+27%)
+    epochs: int = 2
     batch_size: int = 256  # small batches: many updates from the ~260k tokens a CPU can gather in minutes
     learning_rate: float = 1e-3
     aux_k: int = 256
