@@ -72,7 +72,8 @@ def calibrate_command(
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,
-    sae_tokens: Annotated[int, typer.Option(help="Residual-stream tokens to train the SAE on.")] = SAEOptions.tokens,
+    sae_tokens: Annotated[int, typer.Option(
+        help="Text tokens whose residual stream trains the SAE (each read in two context views).")] = SAEOptions.tokens,
     sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = TrainingConfig.expansion,
     sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = TrainingConfig.k,
     sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = TrainingConfig.epochs,
