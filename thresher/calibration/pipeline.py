@@ -64,16 +64,16 @@ def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptio
     length = len(windows[0])
     offsets = [view * length // options.context_views for view in range(1, options.context_views)]
     shifted = [w for offset in offsets for w in data.token_windows(texts, tokenizer, length, options.tokens, offset)]
+    first = len(windows) * length  # residuals [:first] are the first view's
     residuals = collect_residuals(model, windows + shifted, layer, bf16=bf16_is_native(model.device))
     keep = attention_sink_mask(residuals.vectors)
     log.info("SAE on layer %d: %d residuals from %d text tokens in %d views (%d attention-sink tokens left out)", layer,
-             int(keep.sum()), len(windows) * length, options.context_views, int((~keep).sum()))
+             int(keep.sum()), first, options.context_views, int((~keep).sum()))
     training_set = residuals.vectors[keep]
     sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], length), options.training,
                          model_name)
     end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune)
     # the catalog's contexts come from the first view only, so that no text position is listed twice
-    first = len(windows) * length
     first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
     catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
     residual_norm = float(training_set.norm(dim=1).median())
