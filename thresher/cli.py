@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEVELS, SAEOptions, calibrate,
                                           evaluate_artifacts)
+from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
 from thresher.calibration.report import print_report
@@ -69,6 +70,10 @@ def calibrate_command(
     method: Annotated[str, typer.Option(help=f"Threshold method: {' or '.join(METHODS)}.")] = METHODS[0],
     max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_CALIBRATION_TOKENS,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
+    refine_tokens: Annotated[int, typer.Option(
+        help="Calibration tokens over which the channel-greedy thresholds of every level are refined end to end: "
+             "moved down the KL divergence from the dense model, each level's sparsity held (0: none).")] = (
+        RefineConfig.tokens),
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,
@@ -93,8 +98,9 @@ def calibrate_command(
 
     if method not in METHODS:
         raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}", param_hint="--method")
-    if sae_finetune_tokens < 0:
-        raise typer.BadParameter("must be 0 or more", param_hint="--sae-finetune-tokens")
+    for value, hint in ((sae_finetune_tokens, "--sae-finetune-tokens"), (refine_tokens, "--refine-tokens")):
+        if value < 0:
+            raise typer.BadParameter("must be 0 or more", param_hint=hint)
     options = None
     if sae:
         options = SAEOptions(layer=sae_layer, tokens=sae_tokens, pairs=steering_pairs,
@@ -102,7 +108,8 @@ def calibrate_command(
                              finetune=FineTuneConfig(tokens=sae_finetune_tokens))
     try:
         report = calibrate(model, out, data_path=data, levels=_parse_levels(levels), method=method,
-                           max_tokens=max_tokens, eval_tokens=eval_tokens, sae=options)
+                           max_tokens=max_tokens, eval_tokens=eval_tokens, sae=options,
+                           refine=RefineConfig(tokens=refine_tokens))
     except (ModelError, DataError, ArtifactError, SAEError, ValueError) as error:
         _fail_on_user_error(error)
     if report:

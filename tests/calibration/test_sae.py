@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from thresher.calibration.evaluate import sae_spliced
+from thresher.calibration.evaluate import dense_log_probs, kl_from_dense, sae_spliced
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
 from thresher.calibration.sae_training import Residuals, TrainingConfig, measure_sae, train_topk_sae
 from thresher.data import load_texts, token_windows
@@ -141,12 +141,10 @@ def test_adding_a_feature_direction_raises_that_feature_on_generated_text(hf_mod
 
 def _spliced_kl(model, sae, windows) -> float:
     """Mean KL divergence per token of the model with `sae` spliced in from the dense model."""
-    with torch.no_grad():
-        ids = torch.tensor(windows)
-        dense = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
-        with sae_spliced(model, sae):
-            spliced = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
-    return float(torch.nn.functional.kl_div(spliced, dense, log_target=True, reduction="none").sum(-1).mean())
+    ids = torch.tensor(windows)
+    dense = dense_log_probs(model, ids)
+    with torch.no_grad(), sae_spliced(model, sae):
+        return float(kl_from_dense(model(ids, use_cache=False).logits, dense))
 
 
 def test_end_to_end_finetune_brings_the_spliced_model_closer_to_the_dense_one(hf_model, assets):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from thresher.calibration.statistics import PROJECTION_GROUPS, group_weight, tensor_name
+from thresher.calibration.statistics import PROJECTION_GROUPS, tensor_name
 from thresher.kernels.reference import threshold_activations
 
 
@@ -30,24 +30,26 @@ class SparsityMeter:
 
 
 @contextlib.contextmanager
-def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: SparsityMeter | None = None):
-    """Within the block, every projection input of `model` is thresholded by `thresholds[name]` (`[in_features]`)."""
+def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: SparsityMeter | None = None,
+                       apply=threshold_activations):
+    """Within the block, every projection input x of `model` is replaced by `apply(x, thresholds[name])`
+    (`[in_features]`), by default the hard thresholding the kernels compute."""
     handles = []
     for index, layer in enumerate(model.model.layers):
         for group, projections in PROJECTION_GROUPS.items():
             t = thresholds[tensor_name(index, group)]
-            out_features = group_weight(layer, group).shape[0]
+            out_features = sum(layer.get_submodule(p).out_features for p in projections)
             for position, projection in enumerate(projections):
                 counts = meter is not None and position == 0
 
-                def apply(_module, args, t=t, counts=counts, out_features=out_features):
-                    x = threshold_activations(args[0], t)
+                def hook(_module, args, t=t, counts=counts, out_features=out_features):
+                    x = apply(args[0], t)
                     if counts:
                         meter.skipped += float((x == 0).sum()) * out_features
                         meter.total += x.numel() * out_features
                     return (x, *args[1:])
 
-                handles.append(layer.get_submodule(projection).register_forward_pre_hook(apply))
+                handles.append(layer.get_submodule(projection).register_forward_pre_hook(hook))
     try:
         yield meter
     finally:
@@ -67,6 +69,18 @@ def perplexity(model, windows: list[list[int]], batch_size: int = 4, desc: str =
         nll += float(loss) * predicted
         count += predicted
     return math.exp(nll / count)
+
+
+def dense_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probabilities (fp32), without gradients: the target of the KL fine-tunes."""
+    with torch.no_grad():
+        return torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+
+
+def kl_from_dense(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(dense || modified) in nats per token, from the modified model's logits and `dense_log_probs`."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="none").sum(dim=-1).mean()
 
 
 def level_thresholds(thresholds: dict[str, torch.Tensor], level_index: int) -> dict[str, torch.Tensor]:
@@ -96,7 +110,8 @@ def sae_spliced(model, sae, record: list | None = None):
         flat = hidden.reshape(-1, hidden.shape[-1])
         residuals = flat.float()
         keep = attention_sink_mask(residuals)
-        reconstruction = sae(residuals)
+        with torch.autocast(residuals.device.type, enabled=False):  # the SAE in fp32 even when the model is not
+            reconstruction = sae(residuals)
         if record is not None:
             record.append((residuals, reconstruction, keep))
         spliced = torch.where(keep[:, None], reconstruction.to(flat.dtype), flat).reshape(hidden.shape)

@@ -14,6 +14,7 @@ from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
 from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
 from thresher.calibration.report import write_report
+from thresher.calibration.refine import RefineConfig, refine_thresholds_end_to_end
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
 from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, bf16_is_native,
                                                collect_residuals, measure_sae, train_topk_sae)
@@ -72,7 +73,8 @@ def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptio
     training_set = residuals.vectors[keep]
     sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], length), options.training,
                          model_name)
-    end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune)
+    end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune,
+                                         bf16=bf16_is_native(model.device))
     # the catalog's contexts come from the first view only, so that no text position is listed twice
     first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
     catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
@@ -96,24 +98,33 @@ def calibrate(
     max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     eval_tokens: int = 4096,
     sae: SAEOptions | None = None,
+    refine: RefineConfig | None = None,
 ) -> dict:
     """Fit thresholds (and, with `sae`, the steering assets) on calibration text, write the artifact to `out`,
-    and a quick quality report beside it."""
+    and a quick quality report beside it. `channel-greedy` thresholds are then refined end to end (`refine`, default
+    `RefineConfig()`); `teal-uniform` stays TEAL's baseline as it is."""
     levels = tuple(sorted(levels))
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
     resolved = resolve_model(model)
     hf_model, tokenizer = load_hf_model(resolved)
     started = time.monotonic()
-    windows = _windows(data.load_texts(data_path, "calibration"), tokenizer, max_tokens, "calibration")
-    stats = collect_activation_statistics(hf_model, windows)
+    texts = data.load_texts(data_path, "calibration")
+    stats = collect_activation_statistics(hf_model, _windows(texts, tokenizer, max_tokens, "calibration"))
     thresholds, reached = fit_channel_thresholds(stats, list(levels), method)
+    refine = RefineConfig() if refine is None else refine
+    refinement = []
+    if method == "channel-greedy" and refine.tokens > 0:
+        refine_windows = _windows(texts, tokenizer, refine.tokens, "calibration")
+        thresholds, refinement = refine_thresholds_end_to_end(
+            hf_model, stats, thresholds, list(levels), refine_windows, refine, bf16=bf16_is_native(hf_model.device))
+        held = {entry["level"]: entry["calibration_sparsity"] for entry in refinement}
+        reached = [held.get(level, fitted) for level, fitted in zip(levels, reached)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steering = {}
     if sae is not None:
-        steering = _write_steering_assets(hf_model, tokenizer, data.load_texts(data_path, "calibration"), sae, out,
-                                          resolved.name)
+        steering = _write_steering_assets(hf_model, tokenizer, texts, sae, out, resolved.name)
     artifact = Artifact(
         model=model_identity(resolved.path, resolved.name),
         levels=[0.0, *levels],
@@ -124,6 +135,7 @@ def calibrate(
             "tokens": stats.tokens,
             "data": str(data_path) if data_path else "embedded Wikipedia sample (calibration split)",
             "calibration_sparsity": [round(r, 4) for r in reached],
+            "refinement": refinement,
             "steering": steering,
             "seconds": round(time.monotonic() - started, 1),
         },

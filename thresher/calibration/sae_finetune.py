@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from thresher.calibration.evaluate import sae_spliced
+from thresher.calibration.evaluate import dense_log_probs, kl_from_dense, sae_spliced
 from thresher.calibration.sae_training import unit_norm_decoder_step
 from thresher.calibration.statistics import frozen_parameters
 from thresher.sae import SparseAutoencoder
@@ -38,9 +38,13 @@ def _fraction_unexplained(residuals: torch.Tensor, reconstructions: torch.Tensor
     return (reconstructions[keep] - kept).square().sum() / (kept - kept.mean(dim=0)).square().sum()
 
 
-def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[int]], config: FineTuneConfig) -> dict:
+def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[int]], config: FineTuneConfig,
+                            bf16: bool = False) -> dict:
     """Fine-tune `sae` in place on `windows` (token-id lists of equal length); returns the first and last steps'
-    KL divergence and fraction of variance unexplained."""
+    KL divergence and fraction of variance unexplained. With `bf16`, the model's forward and backward run under
+    bfloat16 autocast; the SAE itself stays in fp32. On this project's CPU (AMX), continuing the default SAE's fine-tune
+    by 32 steps gave the same held-out spliced perplexity as in fp32 (+22.1%) at 2.2 s/step instead of ~3."""
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate)
     steps = [windows[i : i + config.windows_per_step] for i in range(0, len(windows), config.windows_per_step)]
     history = []
@@ -48,13 +52,11 @@ def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[in
     with frozen_parameters(model), progress as bar:
         for batch in bar:
             ids = torch.tensor(batch)
-            with torch.no_grad():
-                target = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
             recorded = []
-            with sae_spliced(model, sae, recorded):
-                logits = model(ids, use_cache=False).logits.float()
-            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True,
-                                            reduction="none").sum(dim=-1).mean()
+            with autocast:
+                target = dense_log_probs(model, ids)
+                with sae_spliced(model, sae, recorded):
+                    kl = kl_from_dense(model(ids, use_cache=False).logits, target)
             fvu = _fraction_unexplained(*recorded[0])
             loss = kl + config.reconstruction_weight * fvu
             optimizer.zero_grad(set_to_none=True)

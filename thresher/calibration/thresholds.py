@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from thresher.calibration.statistics import BINS_PER_OCTAVE, ActivationStatistics, bin_lower_edges
+import math
+
+from thresher.calibration.statistics import (BINS_PER_OCTAVE, LOWEST_OCTAVE, NUM_BINS, ActivationStatistics,
+                                             bin_lower_edges)
 
 METHODS = ("channel-greedy", "teal-uniform")
 
@@ -88,6 +91,47 @@ def _uniform_thresholds(level: float, hists, cum_counts, tokens: int, edges: tor
         thresholds.append(torch.full((h.in_features,), value, dtype=torch.float64))
         row += h.in_features
     return torch.cat(thresholds)
+
+
+class CalibrationSparsity:
+    """The weighted sparsity any thresholds reach on the calibration histograms.
+
+    Thresholds are one flat vector over all tensors' channels (in `names` order, `slices` per tensor). Activations
+    under a threshold that falls inside a bin are counted log-linearly, so the sparsity moves smoothly with the
+    thresholds; at bin edges it equals what the greedy fit counts.
+    """
+
+    def __init__(self, stats: ActivationStatistics):
+        self.names, hists, cum_counts, _, row_weights = _stacked(stats)
+        self.slices, row = {}, 0
+        for name, h in zip(self.names, hists):
+            self.slices[name] = slice(row, row + h.in_features)
+            row += h.in_features
+        self._below = cum_counts / stats.tokens  # column k: fraction of the channel's activations in bins [0, k)
+        self._in_bin = torch.cat([h.counts for h in hists]) / stats.tokens
+        self._weights = row_weights / row_weights.sum()
+
+    def flatten(self, thresholds: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([thresholds[name].double() for name in self.names])
+
+    def of_log(self, log_thresholds: torch.Tensor) -> float:
+        """Sparsity at thresholds given by their natural logs (-inf: a dense channel)."""
+        position = (log_thresholds.double() / math.log(2) - LOWEST_OCTAVE) * BINS_PER_OCTAVE
+        position = position.nan_to_num(neginf=0.0).clamp(0, NUM_BINS - 1)
+        k = position.floor().long()[:, None]
+        below = self._below.gather(1, k).squeeze(1) + (position - k.squeeze(1)) * self._in_bin.gather(1, k).squeeze(1)
+        return float((below * self._weights).sum())
+
+    def shift_to_level(self, log_thresholds: torch.Tensor, level: float) -> float:
+        """The one log-shift, added to every finite threshold, that brings the sparsity to `level`."""
+        low, high = -4.0, 4.0
+        for _ in range(40):
+            middle = (low + high) / 2
+            if self.of_log(log_thresholds + middle) < level:
+                low = middle
+            else:
+                high = middle
+        return high
 
 
 def fit_channel_thresholds(
