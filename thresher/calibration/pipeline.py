@@ -101,8 +101,8 @@ def calibrate(
     refine: RefineConfig | None = None,
 ) -> dict:
     """Fit thresholds (and, with `sae`, the steering assets) on calibration text, write the artifact to `out`,
-    and a quick quality report beside it. `channel-greedy` thresholds are then refined end to end (`refine`, default
-    `RefineConfig()`); `teal-uniform` stays TEAL's baseline as it is."""
+    and a quick quality report beside it. With `refine.tokens`, `channel-greedy` thresholds are then refined end to
+    end; `teal-uniform` stays TEAL's baseline as it is."""
     levels = tuple(sorted(levels))
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
