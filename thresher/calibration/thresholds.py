@@ -17,9 +17,9 @@ weights of column c, so a level of 40% means 40% of all projection weights go un
 
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from thresher.calibration.statistics import (BINS_PER_OCTAVE, LOWEST_OCTAVE, NUM_BINS, ActivationStatistics,
                                              bin_lower_edges)
