@@ -64,3 +64,16 @@ def reference_steered_generation(model, direction, layer: int, prompt_ids: list[
     finally:
         handle.remove()
     return ids[0, len(prompt_ids):].tolist()
+
+
+def histogram_statistics(tensors: dict):
+    """Activation statistics (histograms and zeroing costs) from explicit `{name: (x [tokens, in], gradients g,
+    out_features)}`."""
+    from thresher.calibration.statistics import ActivationStatistics, ChannelHistogram
+
+    stats = ActivationStatistics()
+    for name, (x, g, out_features) in tensors.items():
+        stats.histograms[name] = ChannelHistogram.empty(x.shape[1], out_features)
+        stats.histograms[name].add(x, g)
+        stats.tokens = x.shape[0]
+    return stats

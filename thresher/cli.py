@@ -71,7 +71,8 @@ def calibrate_command(
     max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_CALIBRATION_TOKENS,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
     refine_tokens: Annotated[int, typer.Option(
-        help="Calibration tokens over which the channel-greedy thresholds of the levels >= 0.3 are refined end to end: "
+        help=f"Calibration tokens over which the channel-greedy thresholds of the levels >= {RefineConfig.min_level} "
+             "are refined end to end: "
              "moved down the KL divergence from the dense model, each level's sparsity held on the calibration text "
              f"(0: none; {RECOMMENDED_TOKENS} recommended: on the embedded model 50% went from +41% to "
              "+28% perplexity, in ~2 more minutes). Off by default: on short decodes it can move the measured "

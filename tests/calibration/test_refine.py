@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from tests.calibration.test_thresholds import _stats
 from thresher.calibration.evaluate import dense_log_probs, kl_from_dense, level_thresholds, thresholds_applied
 from thresher.calibration.refine import RefineConfig, refine_thresholds_end_to_end, straight_through_threshold
 from thresher.calibration.statistics import collect_activation_statistics
@@ -13,12 +12,15 @@ from thresher.calibration.thresholds import CalibrationSparsity, fit_channel_thr
 from thresher.data import load_texts, token_windows
 from thresher.kernels.reference import threshold_activations
 
+from tests.helpers import histogram_statistics
+
 
 def _synthetic():
     torch.manual_seed(0)
     x = torch.randn(20000, 16) * torch.logspace(-2, 0, 16)
     y = torch.randn(20000, 48) * 0.1
-    stats = _stats({"layers.0.o": (x, torch.ones_like(x), 4), "layers.0.down": (y, torch.ones_like(y), 12)})
+    stats = histogram_statistics({"layers.0.o": (x, torch.ones_like(x), 4),
+                                  "layers.0.down": (y, torch.ones_like(y), 12)})
     return stats, x, y
 
 

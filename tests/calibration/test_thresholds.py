@@ -5,18 +5,9 @@ import math
 import pytest
 import torch
 
-from thresher.calibration.statistics import ActivationStatistics, ChannelHistogram
 from thresher.calibration.thresholds import fit_channel_thresholds, pooled_channel_costs
 
-
-def _stats(tensors: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> ActivationStatistics:
-    """Statistics from explicit activations x [tokens, in], gradients g and out_features per tensor."""
-    stats = ActivationStatistics()
-    for name, (x, g, out_features) in tensors.items():
-        stats.histograms[name] = ChannelHistogram.empty(x.shape[1], out_features)
-        stats.histograms[name].add(x, g)
-        stats.tokens = x.shape[0]
-    return stats
+from tests.helpers import histogram_statistics
 
 
 def _zeroed_fraction(x: torch.Tensor, t: torch.Tensor) -> float:
@@ -27,7 +18,7 @@ def test_uniform_thresholds_are_the_gaussian_quantiles():
     torch.manual_seed(0)
     sigma = 0.3
     x = torch.randn(20000, 64) * sigma
-    stats = _stats({"layers.0.o": (x, torch.ones_like(x), 8)})
+    stats = histogram_statistics({"layers.0.o": (x, torch.ones_like(x), 8)})
     levels = [0.25, 0.5, 0.75]
     thresholds, reached = fit_channel_thresholds(stats, levels, "teal-uniform")
     table = thresholds["layers.0.o"]
@@ -46,7 +37,7 @@ def test_greedy_meets_the_global_budget_in_weight_reads():
     torch.manual_seed(1)
     tokens = 8000
     cheap, dear = torch.randn(tokens, 32), torch.randn(tokens, 32)
-    stats = _stats(
+    stats = histogram_statistics(
         {
             # same activations, but zeroing the second tensor costs 100x more per activation
             "layers.0.gate_up": (cheap, torch.full_like(cheap, 0.1), 48),
@@ -71,7 +62,7 @@ def test_greedy_keeps_costly_channels_nearly_dense():
     x = torch.randn(5000, 16)
     g = torch.ones_like(x)
     g[:, 3] = 1000.0  # channel 3 drives the loss: only its tiniest activations are worth zeroing
-    thresholds, _ = fit_channel_thresholds(_stats({"layers.0.qkv": (x, g, 4)}), [0.5], "channel-greedy")
+    thresholds, _ = fit_channel_thresholds(histogram_statistics({"layers.0.qkv": (x, g, 4)}), [0.5], "channel-greedy")
     zeroed = (x.abs() <= thresholds["layers.0.qkv"][1]).float().mean(0)
     assert zeroed[3] < 0.02  # only its near-zero activations
     assert (zeroed[torch.arange(16) != 3] > 0.5).all()
@@ -80,14 +71,14 @@ def test_greedy_keeps_costly_channels_nearly_dense():
 def test_unknown_method_is_rejected():
     x = torch.randn(10, 4)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
-        fit_channel_thresholds(_stats({"layers.0.o": (x, x, 2)}), [0.5], "magic")
+        fit_channel_thresholds(histogram_statistics({"layers.0.o": (x, x, 2)}), [0.5], "magic")
 
 
 def test_pooled_costs_keep_each_channels_total_and_grow_with_magnitude():
     torch.manual_seed(3)
     x = torch.randn(4000, 8)
     g = torch.randn(4000, 8) * torch.linspace(0.1, 10, 8)  # channels of different sensitivity, noisy per bin
-    h = _stats({"layers.0.o": (x, g, 4)}).histograms["layers.0.o"]
+    h = histogram_statistics({"layers.0.o": (x, g, 4)}).histograms["layers.0.o"]
     pooled = pooled_channel_costs(h.counts, h.costs)
     torch.testing.assert_close(pooled.sum(1), h.costs.sum(1))
     per_activation = pooled / h.counts.clamp(min=1)
