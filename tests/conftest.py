@@ -35,11 +35,12 @@ def hf_model(embedded_model):
 
 @pytest.fixture(scope="session")
 def small_artifact(tmp_path_factory, embedded_model) -> Path:
-    """The embedded model calibrated on 1024 tokens at 25% and 50%, an SAE on 8k text tokens in two views (4 epochs:
-    the step count of 8 epochs over one view), fine-tuned end to end on 2k, and a quick report."""
+    """The embedded model calibrated on 1024 tokens at 25% and 50% (50% then refined end to end for 4 steps), an SAE
+    on 8k text tokens in two views (4 epochs: the step count of 8 epochs over one view), fine-tuned end to end on 2k,
+    and a quick report."""
     out = tmp_path_factory.mktemp("artifact")
     result = run_thresher("calibrate", "--out", str(out), "--levels", "0.25,0.5", "--max-tokens", "1024",
                           "--eval-tokens", "512", "--sae-tokens", "8192", "--sae-epochs", "4",
-                          "--sae-finetune-tokens", "2048")
+                          "--sae-finetune-tokens", "2048", "--refine-tokens", "2048")
     assert result.returncode == 0, result.stderr
     return out

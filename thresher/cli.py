@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 
 from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEVELS, SAEOptions, calibrate,
                                           evaluate_artifacts)
-from thresher.calibration.refine import RECOMMENDED_TOKENS, RefineConfig
+from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
 from thresher.calibration.report import print_report
@@ -74,9 +74,7 @@ def calibrate_command(
         help=f"Calibration tokens over which the channel-greedy thresholds of the levels >= {RefineConfig.min_level} "
              "are refined end to end: "
              "moved down the KL divergence from the dense model, each level's sparsity held on the calibration text "
-             f"(0: none; {RECOMMENDED_TOKENS} recommended: on the embedded model 50% went from +41% to "
-             "+28% perplexity, in ~2 more minutes). Off by default: on short decodes it can move the measured "
-             "sparsity more than 2 points under the level.")] = (
+             "(0: none; on the embedded model 50% went from +41% to +28% perplexity, in ~2.5 more minutes).")] = (
         RefineConfig.tokens),
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "

@@ -17,7 +17,8 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
     assert artifact.levels == [0.0, 0.25, 0.5] and artifact.method == "channel-greedy"
     assert artifact.calibration["tokens"] == 1024
     assert len(artifact.thresholds) == 30 * 4
-    assert artifact.calibration["refinement"] == []  # off by default
+    (refined,) = artifact.calibration["refinement"]  # the levels from 30% up
+    assert refined["level"] == 0.5 and refined["calibration_sparsity"] == pytest.approx(0.5, abs=0.005)
     report = json.loads((small_artifact / "report.json").read_text())
     assert (small_artifact / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert [e["level"] for e in report["levels"]] == [0.25, 0.5]
