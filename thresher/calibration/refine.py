@@ -26,7 +26,6 @@ from thresher.calibration.statistics import frozen_parameters
 from thresher.calibration.thresholds import CalibrationSparsity
 
 
-
 @dataclass
 class RefineConfig:
     # 0 skips the refinement. Level 50% of the embedded model, held-out perplexity (greedy fit: +41.1%): 20 steps of
