@@ -38,17 +38,23 @@ def pooled_channel_costs(counts: torch.Tensor, costs: torch.Tensor) -> torch.Ten
     return sensitivity * squares
 
 
-def _stacked(stats: ActivationStatistics):
-    """All channels of all tensors as rows: cumulative counts and costs of zeroing bins [0, k), and weights per row."""
+def _stacked_counts(stats: ActivationStatistics):
+    """All channels of all tensors as rows: per-bin counts, cumulative counts of bins [0, k), and weights per row."""
     names = list(stats.histograms)
     hists = [stats.histograms[n] for n in names]
     counts = torch.cat([h.counts for h in hists])
-    costs = pooled_channel_costs(counts, torch.cat([h.costs for h in hists]))
     zero = torch.zeros(counts.shape[0], 1, dtype=torch.float64)
-    # column k: what zeroing bins [0, k) skips and costs; the last bin is never zeroed.
+    # column k: what zeroing bins [0, k) skips; the last bin is never zeroed.
     cum_counts = torch.cat([zero, counts.cumsum(1)[:, :-1]], dim=1)
-    cum_costs = torch.cat([zero, costs.cumsum(1)[:, :-1]], dim=1)
     row_weights = torch.cat([torch.full((h.in_features,), float(h.out_features), dtype=torch.float64) for h in hists])
+    return names, hists, counts, cum_counts, row_weights
+
+
+def _stacked(stats: ActivationStatistics):
+    """`_stacked_counts` with, per row, the cumulative (pooled) cost of zeroing bins [0, k)."""
+    names, hists, counts, cum_counts, row_weights = _stacked_counts(stats)
+    costs = pooled_channel_costs(counts, torch.cat([h.costs for h in hists]))
+    cum_costs = torch.cat([torch.zeros(counts.shape[0], 1, dtype=torch.float64), costs.cumsum(1)[:, :-1]], dim=1)
     return names, hists, cum_counts, cum_costs, row_weights
 
 
@@ -102,13 +108,13 @@ class CalibrationSparsity:
     """
 
     def __init__(self, stats: ActivationStatistics):
-        self.names, hists, cum_counts, _, row_weights = _stacked(stats)
+        self.names, hists, counts, cum_counts, row_weights = _stacked_counts(stats)
         self.slices, row = {}, 0
         for name, h in zip(self.names, hists):
             self.slices[name] = slice(row, row + h.in_features)
             row += h.in_features
         self._below = cum_counts / stats.tokens  # column k: fraction of the channel's activations in bins [0, k)
-        self._in_bin = torch.cat([h.counts for h in hists]) / stats.tokens
+        self._in_bin = counts / stats.tokens
         self._weights = row_weights / row_weights.sum()
 
     def flatten(self, thresholds: dict[str, torch.Tensor]) -> torch.Tensor:
