@@ -45,7 +45,7 @@ def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[in
     bfloat16 autocast; the SAE itself stays in fp32. On this project's CPU (AMX), continuing the default SAE's fine-tune
     by 32 steps gave the same held-out spliced perplexity as in fp32 (+22.1%) at 2.2 s/step instead of ~3."""
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate, fused=True)
     steps = [windows[i : i + config.windows_per_step] for i in range(0, len(windows), config.windows_per_step)]
     history = []
     progress = tqdm(steps, desc=f"SAE layer {sae.hook_layer}, end-to-end", unit="step", leave=False)
