@@ -54,7 +54,9 @@ class SparseAutoencoder(torch.nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # (x - b_dec) @ W_enc + b_enc, with b_dec folded into the bias: the same function, but training backpropagates
+        # to b_dec through one vector-matrix product instead of a [tokens, d_sae] x [d_sae, d_in] matmul
+        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.architecture == "topk":
