@@ -4,8 +4,8 @@ own next-token loss on the text.
 
 The greedy fit (`thresholds.py`) prices every activation by a diagonal Fisher estimate on the dense model, one
 channel at a time. It cannot see that zeroing in early layers changes what later layers receive, nor how the errors
-of many channels add up. Starting from the greedy thresholds, this step descends the KL divergence over the
-thresholds alone, one log-offset per channel. The forward pass keeps the hard mask, so what is optimised is what
+of many channels add up. Starting from the greedy thresholds, this step descends that loss over the thresholds
+alone, one log-offset per channel. The forward pass keeps the hard mask, so what is optimised is what
 the kernels compute; the gradient is a sigmoid's in log|x| (a straight-through estimator). After every step one
 global log-shift brings the level's sparsity on the calibration histograms back to the level: the budget moves
 between channels, but never grows or shrinks. Channels the greedy fit kept dense stay dense.
