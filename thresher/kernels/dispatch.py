@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 # Largest decode batch for which the Triton kernel beats dense cuBLAS at 50% sparsity with independent rows:
-# one Llama-3-8B layer on an H100 ran 1.57x at batch 1, 1.16x at 2, 0.96x at 4, 0.87x at 8
-# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.92-0.96x dense.
+# one Llama-3-8B layer on an H100 ran 1.63x at batch 1, 1.19x at 2, 0.99x at 4, 0.88x at 8
+# (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.94-0.97x dense.
 GPU_SPARSE_MAX_BATCH = 2
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 

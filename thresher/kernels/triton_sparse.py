@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 MAX_BATCH = 16
+SUM_BLOCK = 256
 
 
 @triton.jit
@@ -191,10 +192,11 @@ def sparse_gemv(
     live = torch.empty(k, dtype=torch.int32, device=x.device)
     values = torch.empty((rows, k), dtype=x.dtype, device=x.device)
     counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
+    # a chunk of 2,048+ channels (gate_up's two) scans faster with 8 warps: 1.3% off gate_up at batch 2 on an H100
     _compact_live_channels[(chunks,)](
         x, thresholds if has_thresholds else x, levels if has_thresholds else x, live, values, counts, rows, k, chunk,
         BLOCK_B=triton.next_power_of_2(max(rows, 2)), CHUNK=triton.next_power_of_2(chunk),
-        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, launch_pdl=pdl,
+        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, launch_pdl=pdl, num_warps=8 if chunk >= 2048 else 4,
     )
     partials = torch.empty((chunks, rows, n), dtype=torch.float32, device=x.device)
     _gather_gemv_partials[(triton.cdiv(n, block_n), chunks)](
@@ -204,5 +206,8 @@ def sparse_gemv(
     )
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     total = rows * n
-    _sum_chunks[(triton.cdiv(total, 1024),)](partials, y, total, CHUNKS=chunks, BLOCK=1024, USE_GDC=pdl, launch_pdl=pdl)
+    # the sum is latency-bound: 256 outputs per program (16 programs for o's 4,096) rather than 1,024 (4) took
+    # 1.1-1.5 us off o, qkv and down at batch 1 on an H100
+    _sum_chunks[(triton.cdiv(total, SUM_BLOCK),)](partials, y, total, CHUNKS=chunks, BLOCK=SUM_BLOCK, USE_GDC=pdl,
+                                                  launch_pdl=pdl)
     return y
