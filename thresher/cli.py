@@ -73,9 +73,9 @@ def calibrate_command(
     refine_tokens: Annotated[int, typer.Option(
         help=f"Calibration tokens over which the channel-greedy thresholds of the levels >= {RefineConfig.min_level} "
              "are refined end to end: "
-             "moved down the KL divergence from the dense model mixed with the next-token loss on the text, each "
-             "level's sparsity held on the calibration text (0: none; on the embedded model 40% went from +10.6% to "
-             "+7.1% perplexity and 50% from +41% to +26%, in ~2 more minutes).")] = RefineConfig.tokens,
+             "moved down the KL divergence from the dense model, each level's sparsity held on the calibration text "
+             "(0: none; on the embedded model 40% went from +10.6% to +7.8% perplexity and 50% from +41% to +27%, "
+             "in ~2 more minutes).")] = RefineConfig.tokens,
     sae: Annotated[bool, typer.Option(help="Train an SAE, its feature catalog and steering vectors.")] = True,
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,

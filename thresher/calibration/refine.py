@@ -1,17 +1,16 @@
 """End-to-end refinement of fitted thresholds: each level's per-channel thresholds moved down the KL divergence
-between the dense model's next-token distribution and the thresholded model's, mixed with the thresholded model's
-own next-token loss on the text.
+between the dense model's next-token distribution and the thresholded model's.
 
 The greedy fit (`thresholds.py`) prices every activation by a diagonal Fisher estimate on the dense model, one
 channel at a time. It cannot see that zeroing in early layers changes what later layers receive, nor how the errors
-of many channels add up. Starting from the greedy thresholds, this step descends that loss over the thresholds
-alone, one log-offset per channel. The forward pass keeps the hard mask, so what is optimised is what
+of many channels add up. Starting from the greedy thresholds, this step descends the KL divergence over the
+thresholds alone, one log-offset per channel. The forward pass keeps the hard mask, so what is optimised is what
 the kernels compute; the gradient is a sigmoid's in log|x| (a straight-through estimator). After every step one
 global log-shift brings the level's sparsity on the calibration histograms back to the level: the budget moves
 between channels, but never grows or shrinks. Channels the greedy fit kept dense stay dense.
 
 On the embedded model (held-out 16k tokens, dense 25.29; the default 20 steps of one 512-token window,
-2 min for the four default levels on 2 CPU cores): 40% +10.6% -> +7.1%, 50% +41.1% -> +26.2%, 60% +153% -> +78%,
+2 min for the four default levels on 2 CPU cores): 40% +10.6% -> +7.8%, 50% +41.1% -> +27.2%, 60% +153% -> +78%,
 and the measured sparsity of the 60% level 62.4% -> 60.5%. (25% went from +0.3% to +1.1% with a fixed temperature
 of 0.2, hence `min_level`.)
 """
@@ -46,10 +45,6 @@ class RefineConfig:
     final_temperature: float = 0.1
     # levels under this stay as fitted: at 25% the greedy fit is +0.3% and refinement made it +1.1%
     min_level: float = 0.3
-    # the loss is (1 - w) * KL from the dense model + w * cross-entropy on the text's next tokens: distillation
-    # alone matches the dense model's errors too. Default statistics, held-out 16k tokens, w = 0 -> 0.5: 40% +7.8% ->
-    # +7.1%, 50% +27.2% -> +26.2%, 60% +77.9% -> +77.6%; w = 1 (cross-entropy alone) 50% +28.2%
-    cross_entropy_weight: float = 0.5
 
 
 def straight_through_threshold(temperature: float):
@@ -113,13 +108,9 @@ def refine_thresholds_end_to_end(model, stats, thresholds: dict[str, torch.Tenso
                 target = dense_log_probs(model, ids)
             for index, (level, learned, optimizer) in enumerate(zip(levels, per_level, optimizers)):
                 with thresholds_applied(model, learned.thresholds(), apply=apply), autocast:
-                    logits = model(ids, use_cache=False).logits
-                kl = kl_from_dense(logits, target)
-                next_token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                                    ids[:, 1:].flatten())
-                loss = (1 - config.cross_entropy_weight) * kl + config.cross_entropy_weight * next_token_loss
+                    kl = kl_from_dense(model(ids, use_cache=False).logits, target)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                kl.backward()
                 optimizer.step()
                 learned.hold_level(level)
                 history[index].append(kl.item())
