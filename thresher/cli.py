@@ -129,7 +129,8 @@ def eval_command(
         help="Where report.json/png go (created if missing); default: first artifact.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
-    """Perplexity of the dense model and of every calibrated level, with measured sparsity."""
+    """Perplexity of the dense model and of every calibrated level, with its KL divergence from the dense model and
+    its measured sparsity (and, for an artifact with an SAE, the SAE's held-out quality)."""
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
     from thresher.models import ModelError

@@ -1,5 +1,6 @@
 """calibrate + eval of the embedded model through the real CLI, on a small token budget."""
 
+import functools
 import json
 import shutil
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from thresher.artifact import load_artifact, model_identity
-from thresher.calibration.evaluate import SparsityMeter, level_thresholds, thresholds_applied
+from thresher.calibration.evaluate import SparsityMeter, compare_with_dense, level_thresholds, thresholds_applied
 
 from tests.helpers import run_thresher
 
@@ -38,6 +39,7 @@ def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_p
     assert first["measured_sparsity"] == pytest.approx(0.25, abs=0.05)
     assert second["measured_sparsity"] == pytest.approx(0.5, abs=0.05)
     assert dense < first["perplexity"] < second["perplexity"]
+    assert 0 < first["kl_from_dense"] < second["kl_from_dense"]
     assert (report_dir / "report.json").exists() and (report_dir / "report.png").exists()
 
 
@@ -55,6 +57,18 @@ def test_level_zero_is_exactly_the_dense_model(small_artifact, hf_model):
     assert torch.equal(level_zero, dense)
     assert meter.sparsity < 0.001
     assert not torch.equal(sparse, dense)
+
+
+def test_compare_with_dense_scores_level_zero_as_the_dense_model(small_artifact, hf_model):
+    model, tokenizer = hf_model
+    artifact = load_artifact(small_artifact)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 16, return_tensors="pt")["input_ids"][0]
+    windows = [ids[:64].tolist(), ids[64:128].tolist()]
+    variants = {level: functools.partial(thresholds_applied, model, level_thresholds(artifact.thresholds, level))
+                for level in (0, 2)}
+    dense, scores = compare_with_dense(model, windows, variants, batch_size=1)
+    assert scores[0].perplexity == dense and scores[0].kl_from_dense == 0
+    assert scores[2].perplexity != dense and scores[2].kl_from_dense > 0
 
 
 def test_eval_of_a_damaged_artifact_fails_clearly(small_artifact, tmp_path):

@@ -89,7 +89,7 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     assert sae["layer"] == 15 and sae["d_sae"] == 8 * 576 and sae["k"] == 32 and sae["l0"] <= 32
     # a small test budget (8k tokens, 2 epochs); the default calibration's numbers are in the README
     assert 0 < sae["fvu"] < 0.7, sae
-    assert sae["perplexity_increase"] > -0.5
+    assert sae["perplexity_increase"] > -0.5 and sae["kl_from_dense"] > 0
     end_to_end = json.loads((small_artifact / "manifest.json").read_text())["calibration"]["steering"]["end_to_end"]
     assert end_to_end["steps"] == 2 and end_to_end["kl_first"] > 0, end_to_end
     # dead: never fired on the training tokens, i.e. not in the catalog; silent: never fired on the held-out tokens

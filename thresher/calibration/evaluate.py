@@ -1,4 +1,5 @@
-"""Perplexity of the dense model and of each sparsity level, with thresholds applied in a plain torch forward.
+"""Perplexity and KL divergence from the dense model of each sparsity level, with thresholds applied in a plain torch
+forward, and of the model with an SAE spliced in.
 
 This is the reference the sparse kernels must match: every projection input is thresholded with
 `kernels.reference.threshold_activations`, for every token (prefill included), before its matmul.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,20 +59,6 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
             handle.remove()
 
 
-@torch.no_grad()
-def perplexity(model, windows: list[list[int]], batch_size: int = 4, desc: str = "perplexity") -> float:
-    """exp(mean next-token negative log-likelihood) over the windows."""
-    nll, count = 0.0, 0
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        ids = torch.tensor(batch)
-        loss = model(ids, labels=ids).loss
-        predicted = ids[:, 1:].numel()
-        nll += float(loss) * predicted
-        count += predicted
-    return math.exp(nll / count)
-
-
 def dense_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     """The model's next-token log-probabilities (fp32), without gradients: the target of the KL fine-tunes."""
     with torch.no_grad():
@@ -87,15 +75,40 @@ def level_thresholds(thresholds: dict[str, torch.Tensor], level_index: int) -> d
     return {name: table[level_index] for name, table in thresholds.items()}
 
 
-def evaluate_levels(model, windows, thresholds: dict[str, torch.Tensor], levels: list[float]) -> list[dict]:
-    """For each level (index 1.. of the threshold tables): measured weighted sparsity and perplexity."""
-    results = []
-    for index, level in enumerate(levels, start=1):
-        meter = SparsityMeter()
-        with thresholds_applied(model, level_thresholds(thresholds, index), meter):
-            ppl = perplexity(model, windows, desc=f"perplexity at {level:.0%}")
-        results.append({"level": level, "measured_sparsity": round(meter.sparsity, 4), "perplexity": ppl})
-    return results
+@dataclass
+class Fidelity:
+    """How a modified model (thresholds applied, an SAE spliced in) reads held-out text."""
+
+    perplexity: float
+    kl_from_dense: float  # KL(dense || modified), nats per predicted token
+
+
+@torch.no_grad()
+def compare_with_dense(model, windows: list[list[int]],
+                       variants: dict[object, Callable[[], contextlib.AbstractContextManager]],
+                       batch_size: int = 4) -> tuple[float, dict[object, Fidelity]]:
+    """The dense model's perplexity over the windows, and for each variant (a factory of a context within which the
+    model is modified) its perplexity and KL divergence from the dense model, one dense forward per batch.
+
+    Perplexity alone can improve while the modified model drifts from the dense one (a change fitted to text like
+    the evaluation text can lower it); the KL says how closely it still follows the model being served.
+    """
+    dense_nll, count = 0.0, 0
+    nll, kl = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0.0)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    for batch in tqdm(batches, desc="held-out perplexity and KL", unit="batch", leave=False):
+        ids = torch.tensor(batch)
+        targets = ids[:, 1:, None]
+        dense = dense_log_probs(model, ids)[:, :-1]
+        dense_nll -= float(dense.gather(-1, targets).sum())
+        for key, variant in variants.items():
+            with variant():
+                log_probs = torch.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            nll[key] -= float(log_probs.gather(-1, targets).sum())
+            kl[key] += float(torch.nn.functional.kl_div(log_probs, dense, log_target=True, reduction="sum"))
+        count += targets.numel()
+    return math.exp(dense_nll / count), {key: Fidelity(math.exp(nll[key] / count), kl[key] / count)
+                                         for key in variants}
 
 
 @contextlib.contextmanager

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from thresher import data
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
-from thresher.calibration.evaluate import evaluate_levels, perplexity, sae_spliced
+from thresher.calibration.evaluate import (Fidelity, SparsityMeter, compare_with_dense, level_thresholds, sae_spliced,
+                                          thresholds_applied)
 from thresher.calibration.report import write_report
 from thresher.calibration.refine import RefineConfig, refine_thresholds_end_to_end
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
@@ -156,7 +156,8 @@ def evaluate_artifacts(
     hf_model=None,
     tokenizer=None,
 ) -> dict:
-    """Perplexity of the dense model and of every level of every artifact (all fitted on the same model).
+    """Perplexity of the dense model, and perplexity, KL divergence from the dense model and measured sparsity of
+    every level of every artifact (all fitted on the same model); the SAE's quality if the first artifact has one.
 
     The model is `model`, else the one the first artifact was calibrated from; a mismatch is an ArtifactError.
     """
@@ -171,34 +172,42 @@ def evaluate_artifacts(
     for artifact in loaded:
         artifact.check_model(identity)
     windows = _windows(data.load_texts(data_path, "evaluation"), tokenizer, eval_tokens, "evaluation")
+    variants, meters = {}, {}
+    for number, artifact in enumerate(loaded):
+        for index in range(1, len(artifact.levels)):
+            meters[number, index] = SparsityMeter()
+            variants[number, index] = functools.partial(
+                thresholds_applied, hf_model, level_thresholds(artifact.thresholds, index), meters[number, index])
+    assets = SteeringAssets(first.path, identity.hidden_size)
+    if assets.sae is not None:
+        variants["sae"] = functools.partial(sae_spliced, hf_model, assets.sae)
+    dense, scores = compare_with_dense(hf_model, windows, variants)
     report = {
         "model": first.model.name,
         "tokens": sum(len(w) for w in windows),
         "data": str(data_path) if data_path else "embedded Wikipedia sample (held-out split)",
-        "dense": {"perplexity": perplexity(hf_model, windows, desc="perplexity, dense")},
-        "levels": [],
+        "dense": {"perplexity": dense},
+        "levels": [{"level": loaded[number].levels[index], "method": loaded[number].method,
+                    "measured_sparsity": round(meter.sparsity, 4), "perplexity": scores[number, index].perplexity,
+                    "kl_from_dense": round(scores[number, index].kl_from_dense, 4)}
+                   for (number, index), meter in meters.items()],
     }
-    for artifact in loaded:
-        for entry in evaluate_levels(hf_model, windows, artifact.thresholds, artifact.levels[1:]):
-            report["levels"].append({"level": entry["level"], "method": artifact.method, **entry})
-    assets = SteeringAssets(first.path, identity.hidden_size)
     if assets.sae is not None:
-        report["sae"] = evaluate_sae(hf_model, windows, assets.sae, report["dense"]["perplexity"],
+        report["sae"] = evaluate_sae(hf_model, windows, assets.sae, dense, scores["sae"],
                                      live_features=len(assets.catalog))
     write_report(report, report_dir or first.path)
     return report
 
 
-def evaluate_sae(model, windows: list[list[int]], sae: SparseAutoencoder, dense_perplexity: float,
+def evaluate_sae(model, windows: list[list[int]], sae: SparseAutoencoder, dense_perplexity: float, spliced: Fidelity,
                  live_features: int) -> dict:
-    """Held-out SAE quality: FVU and L0 on the residuals (sinks left out), and the perplexity increase when the
-    reconstruction replaces the layer's output. Dead latents are the ones that never fired on the SAE's training
-    tokens (the catalog lists every other one), the usual definition: a few thousand held-out tokens cannot tell a
-    rare latent from a dead one, so the latents silent on them are reported apart."""
+    """Held-out SAE quality: FVU and L0 on the residuals (sinks left out), and (from `spliced`) the perplexity
+    increase and KL divergence when the reconstruction replaces the layer's output. Dead latents are the ones that
+    never fired on the SAE's training tokens (the catalog lists every other one), the usual definition: a few
+    thousand held-out tokens cannot tell a rare latent from a dead one, so the latents silent on them are reported
+    apart."""
     residuals = collect_residuals(model, windows, sae.hook_layer, desc="held-out residual stream")
     quality = measure_sae(sae, residuals.vectors[attention_sink_mask(residuals.vectors)])
-    with torch.no_grad(), sae_spliced(model, sae):
-        spliced = perplexity(model, windows, desc="perplexity, SAE spliced")
     return {
         "layer": sae.hook_layer,
         "d_sae": sae.d_sae,
@@ -207,5 +216,6 @@ def evaluate_sae(model, windows: list[list[int]], sae: SparseAutoencoder, dense_
         "l0": round(quality.l0, 2),
         "dead_fraction": round(1 - live_features / sae.d_sae, 4),
         "held_out_silent_fraction": round(quality.silent_fraction, 4),
-        "perplexity_increase": round(spliced / dense_perplexity - 1, 4),
+        "perplexity_increase": round(spliced.perplexity / dense_perplexity - 1, 4),
+        "kl_from_dense": round(spliced.kl_from_dense, 4),
     }

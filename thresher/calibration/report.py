@@ -42,17 +42,17 @@ def write_report(report: dict, directory: str | Path) -> tuple[Path, Path]:
 def print_report(report: dict, console: Console | None = None) -> None:
     dense = report["dense"]["perplexity"]
     table = Table(title=f"{report['model']} on {report['tokens']} held-out tokens")
-    for column in ("method", "level", "measured sparsity", "perplexity", "vs dense"):
+    for column in ("method", "level", "measured sparsity", "perplexity", "vs dense", "KL from dense"):
         table.add_column(column, justify="right" if column != "method" else "left")
-    table.add_row("dense", "0%", "0.0%", f"{dense:.3f}", "")
+    table.add_row("dense", "0%", "0.0%", f"{dense:.3f}", "", "")
     for e in report["levels"]:
         table.add_row(e["method"], f"{e['level']:.0%}", f"{e['measured_sparsity']:.1%}", f"{e['perplexity']:.3f}",
-                      f"{e['perplexity'] / dense - 1:+.1%}")
+                      f"{e['perplexity'] / dense - 1:+.1%}", f"{e['kl_from_dense']:.4f}")
     console = console or Console()
     console.print(table)
     if "sae" in report:
         sae = report["sae"]
         console.print(f"SAE after layer {sae['layer']} ({sae['d_sae']} latents, k={sae['k']}): held-out FVU "
                       f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} (silent on these tokens "
-                      f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} with the "
-                      "reconstruction spliced in")
+                      f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} and KL from dense "
+                      f"{sae['kl_from_dense']:.4f} with the reconstruction spliced in")
