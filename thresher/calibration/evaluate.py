@@ -60,7 +60,8 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
 
 
 def dense_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    """The model's next-token log-probabilities (fp32), without gradients: the target of the KL fine-tunes."""
+    """The model's next-token log-probabilities (fp32), without gradients: what every KL divergence here is taken from
+    (the refinement, the SAE fine-tune, the eval)."""
     with torch.no_grad():
         return torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
 
