@@ -54,5 +54,5 @@ def print_report(report: dict, console: Console | None = None) -> None:
         sae = report["sae"]
         console.print(f"SAE after layer {sae['layer']} ({sae['d_sae']} latents, k={sae['k']}): held-out FVU "
                       f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} (silent on these tokens "
-                      f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} and KL from dense "
-                      f"{sae['kl_from_dense']:.4f} with the reconstruction spliced in")
+                      f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} and KL "
+                      f"from dense {sae['kl_from_dense']:.4f} with the reconstruction spliced in")
