@@ -1,6 +1,6 @@
 """Decode throughput of the thresher vLLM engine against stock vLLM, same run (GPU machine).
 
-    python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16]
+    python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16] [--repeats 3]
 
 Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
 torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both engines on the model runner that
@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,15 +63,18 @@ def _prompts(batch: int):
             for _ in range(batch)]
 
 
-def _decode(llm, batch: int, level: float | None, new_tokens: int = NEW_TOKENS) -> float:
-    """Seconds for one greedy generate of `batch` prompts."""
+def _decode(llm, batch: int, level: float | None, new_tokens: int = NEW_TOKENS, repeats: int = 1) -> float:
+    """Seconds for one greedy generate of `batch` prompts (the median of `repeats`)."""
     from vllm import SamplingParams
 
     extra = {SPARSITY_EXTRA_ARG: level} if level is not None else None
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
-    start = time.perf_counter()
-    llm.generate(_prompts(batch), params, use_tqdm=False)
-    return time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.generate(_prompts(batch), params, use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
@@ -119,6 +123,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--levels", default="0.25,0.4,0.5")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generates per cell; the median is reported "
+                        "(one run of batch 16 varied by up to 7%% between identical cells)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     levels = [float(x) for x in args.levels.split(",")]
@@ -135,14 +141,14 @@ def main() -> None:
                "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
     stock = _engine(model)
     _decode(stock, 1, None, new_tokens=16)
-    dense = {b: b * NEW_TOKENS / _decode(stock, b, None) for b in batches}
+    dense = {b: b * NEW_TOKENS / _decode(stock, b, None, repeats=args.repeats) for b in batches}
     _shutdown(stock)
     sparse = _engine(model, hf_overrides=engine_overrides(model, artifact), worker_extension_cls=EXTENSION)
     _decode(sparse, 1, 0.0, new_tokens=16)
     for batch in batches:
         results["rows"].append({"batch": batch, "level": "stock vLLM", "tok_s": round(dense[batch], 1), "ratio": 1.0})
         for level in [0.0, *levels]:
-            tok_s = batch * NEW_TOKENS / _decode(sparse, batch, level)
+            tok_s = batch * NEW_TOKENS / _decode(sparse, batch, level, repeats=args.repeats)
             results["rows"].append({"batch": batch, "level": level, "tok_s": round(tok_s, 1),
                                     "ratio": round(tok_s / dense[batch], 3)})
     _shutdown(sparse)

@@ -7,6 +7,9 @@ the same run with `triton.testing.do_bench` (median) replaying CUDA graphs, on r
 reads from L2. Activations
 are drawn independently per row, and each channel's threshold is set for the wanted per-row sparsity, so the union
 of kept channels across a batch is real. Prints time, effective GB/s (bytes of weights actually needed) and ratio.
+thresher's time is what the engine runs for a projection: the kernel's launches, with the output left in fp32,
+whose cast to bf16 the engine's next kernel (RMSNorm, SiLU-and-multiply) does as it reads it, as the dense
+baseline's output is read by that same kernel.
 `--sweep` first searches kernel launch configurations per shape and batch and uses the best.
 """
 

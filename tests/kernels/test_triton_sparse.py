@@ -38,7 +38,8 @@ def _reference(x, w, thresholds, per_row_levels):
 
 
 def _check(y, ref, dtype):
-    assert y.dtype == dtype and not torch.isnan(y).any()
+    # the kernel returns fp32, for the caller to cast where the cast fuses into its next kernel
+    assert y.dtype == torch.float32 and not torch.isnan(y).any()
     error = (y.double() - ref).norm() / ref.norm().clamp(min=1e-12)
     assert error < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"relative error {error:.2e}"
 
@@ -74,7 +75,8 @@ def test_fused_projections_equal_separate_ones():
     wq, wk = w[:96], w[96:]
     fused = sparse_gemv(x, w.t().contiguous(), thresholds, levels)
     separate = torch.cat([sparse_gemv(x, m.t().contiguous(), thresholds, levels) for m in (wq, wk)], dim=1)
-    torch.testing.assert_close(fused, separate, rtol=0, atol=0)
+    # equal up to the order in which the chunks' fp32 partial sums arrive (atomics)
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
 
 
 def test_more_than_sixteen_rows_is_refused():

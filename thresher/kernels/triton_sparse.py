@@ -7,18 +7,24 @@ multiplies are one contiguous row: a channel that no row of the batch keeps is a
 replaces the original (dense matmuls use the `Wt.t()` view at full cuBLAS speed), so it costs no extra memory.
 Projections that share an input (q/k/v, gate/up) are one call on their concatenated weights.
 
-Three launches, no atomics (bf16 and fp16 alike, deterministic):
+Two launches, and the output in fp32 for the caller to cast where it fuses the cast into its next kernel (the
+engine's RMSNorm or SiLU-and-multiply, under torch.compile):
 1. `_compact_live_channels`: per chunk of input channels, the list of channels some row keeps, and their
-   thresholded activations, packed to the front of the chunk.
-2. `_gather_gemv_partials`: per (output block, chunk), loop over that chunk's live channels only and gather their
-   weight rows, multiplied on the tensor cores with the batch padded to 16 rows; fp32 partial sums per chunk.
-   Work and bytes scale with the kept fraction, not with in_features. (At batch 1 the padded tensor-core product
-   beat fp32 multiply-adds by ~3% at 0% and 50% sparsity on an H100: fewer registers, no conversions.)
-3. `_sum_chunks`: add the chunks' partial sums and cast.
+   thresholded activations, packed to the front of the chunk; the other programs zero the fp32 output.
+2. `_gather_gemv`: per (output block, chunk), loop over that chunk's live channels only and gather their weight
+   rows, multiplied on the tensor cores with the batch padded to 16 rows; each program adds its fp32 partial sum
+   into the output with atomics. Work and bytes scale with the kept fraction, not with in_features. (At batch 1 the
+   padded tensor-core product beat fp32 multiply-adds by ~3% at 0% and 50% sparsity on an H100: fewer registers,
+   no conversions.)
+Atomics in fp32 work for bf16 and fp16 alike (TEAL's half-precision atomics limit it to fp16), but the order in
+which the chunks' partial sums arrive changes from run to run, so results may differ in the last bits of fp32 (and,
+rarely, in the last bit after the cast). The deterministic alternative, a third launch that adds the chunks' partial
+sums in order, cost ~1 us per projection: one Llama-3-8B layer at batch 1, 50% sparsity on an H100 ran 1.63x dense
+with it and 1.70x without.
 
 On Hopper and newer, every launch uses programmatic dependent launch (PDL): a kernel's programs are scheduled while
 the previous kernel still runs and wait (`gdc_wait`) before touching memory, which hides the launch gap between the
-three kernels and before the first. Together with the prefetched channel list in the gather loop, it cut the batch-1
+kernels and before the first. Together with the prefetched channel list in the gather loop, it cut the batch-1
 time of one Llama-3-8B layer at 50% sparsity on an H100 by 3-6% (1.47x dense before, 1.52-1.57x after).
 """
 
@@ -31,7 +37,7 @@ import triton
 import triton.language as tl
 
 MAX_BATCH = 16
-SUM_BLOCK = 256
+ZERO_BLOCK = 1024
 
 
 @triton.jit
@@ -45,16 +51,17 @@ def _wait_for_previous_kernel(USE_GDC: tl.constexpr):
 
 @triton.jit
 def _compact_live_channels(
-    x_ptr, thresholds_ptr, levels_ptr, live_ptr, values_ptr, counts_ptr,
-    B, K, chunk,
+    x_ptr, thresholds_ptr, levels_ptr, live_ptr, values_ptr, counts_ptr, y_ptr,
+    B, K, chunk, chunks, total,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, HAS_THRESHOLDS: tl.constexpr, USE_GDC: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     offsets = tl.arange(0, CHUNK)
     ks = pid * chunk + offsets
     row_ok = rows < B
-    k_ok = (offsets < chunk) & (ks < K)
+    k_ok = (offsets < chunk) & (ks < K)  # false in the programs past the last chunk, which only zero the output
     both = row_ok[:, None] & k_ok[None, :]
     if HAS_THRESHOLDS:
         # levels and thresholds were written before the previous kernel started, so their dependent loads may run
@@ -62,18 +69,23 @@ def _compact_live_channels(
         levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
         t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
     _wait_for_previous_kernel(USE_GDC)
-    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
-    if HAS_THRESHOLDS:
-        keep = (tl.abs(x.to(tl.float32)) > t) & both
-    else:
-        keep = (x != 0) & both
-    live = tl.max(keep.to(tl.int32), axis=0)
-    slot = tl.cumsum(live, axis=0) - 1
-    base = pid * chunk
-    tl.store(live_ptr + base + slot, ks, mask=live > 0)
-    kept = tl.where(keep, x, 0.0)
-    tl.store(values_ptr + rows[:, None] * K + base + slot[None, :], kept, mask=row_ok[:, None] & (live > 0)[None, :])
-    tl.store(counts_ptr + pid, tl.sum(live, axis=0))
+    # the output the gather adds into starts at zero (after the wait: its memory may be the previous kernel's)
+    zeros = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+    tl.store(y_ptr + zeros, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=zeros < total)
+    if pid < chunks:
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
+        if HAS_THRESHOLDS:
+            keep = (tl.abs(x.to(tl.float32)) > t) & both
+        else:
+            keep = (x != 0) & both
+        live = tl.max(keep.to(tl.int32), axis=0)
+        slot = tl.cumsum(live, axis=0) - 1
+        base = pid * chunk
+        tl.store(live_ptr + base + slot, ks, mask=live > 0)
+        kept = tl.where(keep, x, 0.0)
+        tl.store(values_ptr + rows[:, None] * K + base + slot[None, :], kept,
+                 mask=row_ok[:, None] & (live > 0)[None, :])
+        tl.store(counts_ptr + pid, tl.sum(live, axis=0))
 
 
 @triton.jit
@@ -98,8 +110,8 @@ def _accumulate(acc, x, w, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _gather_gemv_partials(
-    wt_ptr, live_ptr, values_ptr, counts_ptr, partials_ptr,
+def _gather_gemv(
+    wt_ptr, live_ptr, values_ptr, counts_ptr, y_ptr,
     B, K, N, chunk,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
     NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr,
@@ -131,19 +143,8 @@ def _gather_gemv_partials(
             ks = tl.load(live_ptr + base + slots, mask=slots < count, other=0)
             x, w = _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok, base, K, N)
             acc = _accumulate(acc, x, w, NATIVE_DOT)
-    out = partials_ptr + pid_k * B * N + rows[:, None] * N + cols[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _sum_chunks(partials_ptr, y_ptr, total, CHUNKS: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < total
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    _wait_for_previous_kernel(USE_GDC)
-    for s in range(CHUNKS):
-        acc += tl.load(partials_ptr + s * total + offsets, mask=ok, other=0.0)
-    tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.atomic_add(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :],
+                  sem="relaxed")
 
 
 @functools.cache
@@ -169,7 +170,8 @@ def sparse_gemv(
     x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor | None = None, levels: torch.Tensor | None = None,
     config=None,
 ) -> torch.Tensor:
-    """y = threshold(x) @ Wt for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]` int.
+    """y = threshold(x) @ Wt in fp32, for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]`
+    int.
 
     Without thresholds, x is taken as already thresholded (the engine thresholds where Inductor can fuse it into
     the producer of x) and the channels where every row is zero are skipped.
@@ -192,22 +194,19 @@ def sparse_gemv(
     live = torch.empty(k, dtype=torch.int32, device=x.device)
     values = torch.empty((rows, k), dtype=x.dtype, device=x.device)
     counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
+    y = torch.empty((rows, n), dtype=torch.float32, device=x.device)
+    total = rows * n
     # a chunk of 2,048+ channels (gate_up's two) scans faster with 8 warps: 1.3% off gate_up at batch 2 on an H100
-    _compact_live_channels[(chunks,)](
-        x, thresholds if has_thresholds else x, levels if has_thresholds else x, live, values, counts, rows, k, chunk,
+    _compact_live_channels[(max(chunks, triton.cdiv(total, ZERO_BLOCK)),)](
+        x, thresholds if has_thresholds else x, levels if has_thresholds else x, live, values, counts, y,
+        rows, k, chunk, chunks, total,
         BLOCK_B=triton.next_power_of_2(max(rows, 2)), CHUNK=triton.next_power_of_2(chunk),
-        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, launch_pdl=pdl, num_warps=8 if chunk >= 2048 else 4,
+        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, ZERO_BLOCK=ZERO_BLOCK, launch_pdl=pdl,
+        num_warps=8 if chunk >= 2048 else 4,
     )
-    partials = torch.empty((chunks, rows, n), dtype=torch.float32, device=x.device)
-    _gather_gemv_partials[(triton.cdiv(n, block_n), chunks)](
-        wt, live, values, counts, partials, rows, k, n, chunk,
+    _gather_gemv[(triton.cdiv(n, block_n), chunks)](
+        wt, live, values, counts, y, rows, k, n, chunk,
         BLOCK_B=MAX_BATCH, BLOCK_K=block_k, BLOCK_N=block_n, STAGES=stages, NATIVE_DOT=x.is_cuda,
         num_warps=num_warps, USE_GDC=pdl, launch_pdl=pdl,
     )
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    total = rows * n
-    # the sum is latency-bound: 256 outputs per program (16 programs for o's 4,096) rather than 1,024 (4) took
-    # 1.1-1.5 us off o, qkv and down at batch 1 on an H100
-    _sum_chunks[(triton.cdiv(total, SUM_BLOCK),)](partials, y, total, CHUNKS=chunks, BLOCK=SUM_BLOCK, USE_GDC=pdl,
-                                                  launch_pdl=pdl)
     return y
