@@ -36,3 +36,15 @@ def test_threshold_and_op_compile_in_one_graph():
     levels = torch.tensor([1, 0])
     compiled = torch.compile(lambda *a: _thresholded_linear(*a) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x, w, thresholds, levels), 2 * sparse_linear_reference(x, w, thresholds, levels))
+
+
+def test_half_precision_input_gives_an_fp32_result_for_the_caller_to_cast():
+    # every path returns fp32 (the Triton kernel accumulates into it with atomics); the engine casts after the op
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16)
+    thresholds = torch.stack([torch.zeros(32), torch.full((32,), 0.5)])
+    levels = torch.tensor([1, 0, 1, 1])
+    y = _thresholded_linear(x, w, thresholds, levels)
+    assert y.dtype == torch.float32
+    expected = sparse_linear_reference(x.float(), w.float(), thresholds, levels)
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=5e-2)
