@@ -27,7 +27,9 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", params=["v1", "v2"])
+# vLLM's two model runners with thresher's sparsity meter on (which keeps the unfused layer: it reads every
+# projection's input), and V2 without it: the fused layer that serving runs
+@pytest.fixture(scope="module", params=["v1", "v2", "v2-fused"])
 def gpu_llm(tmp_path_factory, request):
     from vllm import LLM
 
@@ -43,13 +45,15 @@ def gpu_llm(tmp_path_factory, request):
     _write_synthetic_steering(artifact, CONFIG["hidden_size"], layer=2)
     Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("THRESHER_MEASURE_SPARSITY", "1")
-        patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if request.param == "v2" else "0")
+        patch.setenv("THRESHER_MEASURE_SPARSITY", "0" if request.param.endswith("fused") else "1")
+        patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0" if request.param == "v1" else "1")
         llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
                   hf_overrides=engine_overrides(model, artifact),
                   worker_extension_cls="thresher.engine.sparse_llama.ThresherWorkerExtension")
     llm.thresher_artifact = artifact
+    llm.thresher_fused = request.param.endswith("fused")
+    assert llm.collective_rpc("thresher_fused_layers")[0] == (CONFIG["num_hidden_layers"] if llm.thresher_fused else 0)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -78,6 +82,8 @@ def _sparsity(llm):
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_levels_reach_the_kernels_under_cuda_graphs(gpu_llm, batch):
+    if gpu_llm.thresher_fused:
+        pytest.skip("the sparsity meter runs the unfused layer")
     _sparsity(gpu_llm)
     kept = _generate(gpu_llm, [0.25] * batch)
     assert _sparsity(gpu_llm) < 1e-4  # only activations that are exactly zero in bf16
@@ -90,6 +96,17 @@ def test_levels_reach_the_kernels_under_cuda_graphs(gpu_llm, batch):
 def test_a_kept_level_matches_level_zero(gpu_llm):
     # level 0.25 here keeps every activation, like level 0: same function, same kernels, same tokens
     assert _generate(gpu_llm, [0.25]) == _generate(gpu_llm, [0.0])
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_a_mixed_batch_gives_each_request_its_own_tokens(gpu_llm, batch):
+    # batch 2 runs the Triton kernels (per-row levels inside the compaction), batch 4 the dense path (per-row levels
+    # in the producer kernel, then cuBLAS)
+    levels = [0.0, 0.99] * (batch // 2)
+    mixed = _generate(gpu_llm, levels)
+    dense, zeroed = _generate(gpu_llm, [0.0] * batch), _generate(gpu_llm, [0.99] * batch)
+    assert mixed == [dense[i] if level == 0.0 else zeroed[i] for i, level in enumerate(levels)]
+    assert dense != zeroed
 
 
 def _steered(llm, specs, tokens=16):

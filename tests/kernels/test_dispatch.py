@@ -48,3 +48,32 @@ def test_half_precision_input_gives_an_fp32_result_for_the_caller_to_cast():
     assert y.dtype == torch.float32
     expected = sparse_linear_reference(x.float(), w.float(), thresholds, levels)
     torch.testing.assert_close(y, expected, rtol=2e-2, atol=5e-2)
+
+
+def test_fused_ops_equal_producer_then_threshold_then_linear_and_compile():
+    # the fused layer's ops (on the CPU: the torch reference of each producer, then the matmul), under torch.compile
+    # as vLLM runs them: the fake implementations must give the real shapes and dtypes
+    from thresher.kernels.dispatch import add_rms_norm_linear, silu_mul_linear, threshold_linear
+    from thresher.kernels.reference import add_rms_norm_reference, silu_mul_reference
+
+    torch.manual_seed(4)
+    k, n, rows = 32, 16, 3
+    w = torch.randn(n, k).to(torch.bfloat16)
+    thresholds = torch.stack([torch.zeros(k), torch.rand(k)])
+    levels = torch.tensor([1, 0, 1, 0, 0])  # longer than the batch, as the engine's level buffer is
+    y, gate_up = torch.randn(rows, k), torch.randn(rows, 2 * k)
+    residual, norm_weight = torch.randn(rows, k).to(torch.bfloat16), torch.rand(k).to(torch.bfloat16)
+
+    def linear(x):
+        return sparse_linear(threshold_activations(x, thresholds[levels[:rows]]), w)
+
+    def fused(y, gate_up, residual):
+        return (threshold_linear(residual, w, thresholds, levels), silu_mul_linear(gate_up, w, thresholds, levels),
+                *add_rms_norm_linear(y, residual, norm_weight, 1e-5, w, thresholds, levels))
+
+    normed, new_residual = add_rms_norm_reference(y, residual, norm_weight, 1e-5)
+    expected = (linear(residual), linear(silu_mul_reference(gate_up, torch.bfloat16)), linear(normed), new_residual)
+    for run in (fused, torch.compile(fused, fullgraph=True)):
+        for got, want in zip(run(y, gate_up, residual), expected):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)

@@ -16,15 +16,16 @@ import os
 from pathlib import Path
 
 import torch
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_reduce)
 from vllm.model_executor.layers.linear import LinearMethodBase
-from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from thresher.artifact import load_artifact, model_identity
 from thresher.engine.runner_hooks import model_state_cls
 from thresher.engine.token_levels import TokenLevels
 from thresher.engine.token_steering import TokenSteering, install_steering
-from thresher.kernels.dispatch import sparse_linear
+from thresher.kernels.dispatch import add_rms_norm_linear, silu_mul_linear, sparse_linear, threshold_linear
 from thresher.kernels.reference import threshold_activations
 from thresher.steering import SteeringAssets
 
@@ -70,11 +71,16 @@ class ThresherWorkerExtension:
     """vLLM worker extension (`worker_extension_cls`), called through `llm.collective_rpc(name, args=...)`.
 
     - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
+    - `thresher_fused_layers()`: how many decoder layers run the fused ops.
     - `thresher_record_decode_inputs(on)` and `thresher_fit_uniform_thresholds(levels)`: fit TEAL-uniform thresholds
       (one per tensor) from the projection inputs of decode steps, inside the engine. For models that only exist
       in the engine, such as `load_format="dummy"` speed benchmarks; needs `enforce_eager=True`, since hooks do not
       run inside compiled graphs.
     """
+
+    def thresher_fused_layers(self) -> int:
+        """How many decoder layers run thresher's fused ops (0 on the CPU, or with the sparsity meter on)."""
+        return sum(bool(layer.thresher_fused) for layer in self.model_runner.get_model().model.layers)
 
     def thresher_decode_sparsity(self) -> float:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
@@ -84,6 +90,8 @@ class ThresherWorkerExtension:
         for handle in getattr(model, "_thresher_recorders", []):
             handle.remove()
         model._thresher_recorders = []
+        for layer in model.model.layers:  # the hooks read each projection's input, which the fused layers never make
+            layer.thresher_fused = model.thresher_fuses_layers and not on
         if not on:
             return
         model._thresher_samples = {}
@@ -166,11 +174,55 @@ class ThresholdedLinearMethod(LinearMethodBase):
         return self.base.apply(layer, x, bias)
 
 
+class FusedSparseLlamaDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer, whose forward on CUDA runs every projection through thresher's fused ops.
+
+    Each op makes its projection's input from the previous projection's fp32 output inside the sparse kernel's
+    first launch (the residual add and RMSNorm before q/k/v and gate/up, SiLU-and-multiply before down, the
+    thresholding of attention's output before o; see `kernels.triton_producers`), so the RMSNorm, SiLU-and-multiply
+    and thresholding kernels of the unfused layer are not launched at all. The layer hands the next one its fp32
+    down output (the last layer casts it for the model's final norm). Same weights and submodules as the stock
+    layer; `thresher_fused` (set by the model) picks this forward, else the stock one runs with thresholded linear
+    methods (the CPU, biased projections, and the opt-in sparsity meter, which reads each projection's input).
+    """
+
+    thresher_fused = False
+    thresher_last = False
+
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        if not self.thresher_fused:
+            return super().forward(positions, hidden_states, residual, *args, **kwargs)
+        attention, mlp, levels = self.self_attn, self.mlp, self.thresher_token_levels
+        dtype = attention.qkv_proj.weight.dtype
+        if residual is None:  # the first layer: the embedding's kernel makes the norm, the op thresholds it
+            residual = hidden_states
+            qkv = threshold_linear(self.input_layernorm(hidden_states), attention.qkv_proj.weight,
+                                   attention.qkv_proj.thresher_thresholds, levels)
+        else:
+            qkv, residual = add_rms_norm_linear(
+                hidden_states, residual, self.input_layernorm.weight, self.input_layernorm.variance_epsilon,
+                attention.qkv_proj.weight, attention.qkv_proj.thresher_thresholds, levels)
+        q, k, v = qkv.to(dtype).split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        q, k = attention.rotary_emb(positions, q, k)
+        o = _reduced(threshold_linear(attention.attn(q, k, v), attention.o_proj.weight,
+                                      attention.o_proj.thresher_thresholds, levels))
+        gate_up, residual = add_rms_norm_linear(
+            o, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon,
+            mlp.gate_up_proj.weight, mlp.gate_up_proj.thresher_thresholds, levels)
+        down = _reduced(silu_mul_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.thresher_thresholds, levels))
+        return (down.to(dtype) if self.thresher_last else down), residual
+
+
+def _reduced(partial: torch.Tensor) -> torch.Tensor:
+    """A row-parallel projection's output summed over tensor-parallel ranks, as its layer would."""
+    return tensor_model_parallel_all_reduce(partial) if get_tensor_model_parallel_world_size() > 1 else partial
+
+
 class ThresherLlamaForCausalLM(LlamaForCausalLM):
     """vLLM's LlamaForCausalLM with the thresholds of a thresher artifact on every projection input."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FusedSparseLlamaDecoderLayer, **kwargs)
         hf_config = vllm_config.model_config.hf_config
         artifact_dir = getattr(hf_config, "thresher_artifact", None)
         if not artifact_dir:
@@ -201,6 +253,17 @@ class ThresherLlamaForCausalLM(LlamaForCausalLM):
                 projection.register_buffer("thresher_thresholds", table.to(device).contiguous(), persistent=False)
                 projection.quant_method = ThresholdedLinearMethod(projection.quant_method, self.token_levels,
                                                                   self.sparsity_meter)
+        fused = device.type == "cuda" and not self.sparsity_meter.enabled and not any(
+            getattr(layer.get_submodule(path), "bias", None) is not None
+            for layer in self.model.layers for path, _sharded in PROJECTIONS.values())
+        self.thresher_fuses_layers = fused
+        for layer in self.model.layers:
+            layer.thresher_fused = fused
+            layer.register_buffer("thresher_token_levels", self.token_levels.buffer, persistent=False)
+        self.model.layers[-1].thresher_last = True
+        if fused:
+            log.info("thresher: decoder layers run the fused sparse ops (norm, activation and threshold inside the "
+                     "sparse kernels)")
         log.info("thresher: %d layers sparsified with levels %s (%s)", len(self.model.layers), artifact.levels,
                  artifact.method)
         if enable_inductor_pdl(device):

@@ -9,6 +9,7 @@ exact zeros, so its numbers are those of an unsteered run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -77,12 +78,13 @@ class TokenSteering:
         self.slots.copy_(torch.from_numpy(self._host_slots), non_blocking=True)
 
 
-class SteeredLlamaDecoderLayer(LlamaDecoderLayer):
-    """The steering layer: stock forward, then each token's direction added to the residual stream.
+class SteeredLayer:
+    """Mixed into a Llama decoder layer's class: its forward, then each token's direction added to the residual
+    stream.
 
     vLLM defers the residual add to the next layer's norm, so the stream after this layer is
     `hidden_states + residual`; adding to `residual` adds to the stream. Installed by swapping the class of the
-    loaded layer, which keeps its weight names.
+    loaded layer for a subclass of its own (stock, or thresher's fused one), which keeps its weight names.
     """
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
@@ -91,10 +93,15 @@ class SteeredLlamaDecoderLayer(LlamaDecoderLayer):
         return hidden_states, residual + self.thresher_steering_table[slots]
 
 
+@functools.cache
+def _steered(layer_class: type) -> type:
+    return type(f"Steered{layer_class.__name__}", (SteeredLayer, layer_class), {})
+
+
 def install_steering(layer: torch.nn.Module, steering: TokenSteering) -> None:
     if not isinstance(layer, LlamaDecoderLayer):
         raise TypeError(f"thresher steers Llama decoder layers, not {type(layer).__name__}")
-    layer.__class__ = SteeredLlamaDecoderLayer
+    layer.__class__ = _steered(type(layer))
     # the state's own tensors, updated in place by the runner hook
     layer.register_buffer("thresher_steering_table", steering.table, persistent=False)
     layer.register_buffer("thresher_steering_slots", steering.slots, persistent=False)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from thresher.kernels.reference import ADD_RMS_NORM, PLAIN, SILU_MUL, produce_reference, threshold_activations
+
 # Largest decode batch for which the Triton kernel clearly beats dense cuBLAS at 50% sparsity with independent rows:
 # one Llama-3-8B layer on an H100 ran 1.71x at batch 1, 1.25x at 2, 1.03x at 4 (0.98x at 0-25%), 0.93x at 8
 # (bench/results/kernels-h100-bf16.json). At 0% sparsity the kernel runs 0.99-1.01x dense at batch 1-2.
@@ -30,9 +32,15 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The Triton kernel needs a CUDA half-precision input, a small batch, and the transposed weight layout."""
-    return (x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] <= GPU_SPARSE_MAX_BATCH
+    """The Triton kernel needs CUDA, half-precision weights, a small batch, and the transposed weight layout."""
+    return (x.is_cuda and weight.dtype in _TRITON_DTYPES and x.shape[0] <= GPU_SPARSE_MAX_BATCH
             and weight.t().is_contiguous())
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.dtype in _TRITON_DTYPES:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(x, weight).float()
 
 
 @torch.library.custom_op("thresher::sparse_linear", mutates_args=())
@@ -46,11 +54,73 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from thresher.kernels.triton_sparse import sparse_gemv
 
         return sparse_gemv(x.contiguous(), weight.t())
-    if x.is_cuda and x.dtype in _TRITON_DTYPES:
-        return torch.mm(x, weight.t(), out_dtype=torch.float32)
-    return torch.nn.functional.linear(x, weight).float()
+    return _dense(x, weight)
 
 
 @sparse_linear.register_fake
 def _sparse_linear_shape(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+def _produced_linear(producer: int, source: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor,
+                     levels: torch.Tensor, residual: torch.Tensor | None = None,
+                     norm_weight: torch.Tensor | None = None, eps: float = 0.0):
+    """(threshold(x) @ W^T in fp32, new residual or None), x made from `source` by `producer` (see
+    `triton_producers`): in the compaction of the Triton kernel at small batches, else in a kernel of its own (the
+    torch reference off CUDA) before the dense matmul."""
+    levels = levels[: source.shape[0]]
+    if use_triton(source, weight):
+        from thresher.kernels.triton_sparse import sparse_gemv
+
+        residual_out = torch.empty_like(residual) if producer == ADD_RMS_NORM else None
+        y = sparse_gemv(source.contiguous(), weight.t(), thresholds, levels, producer=producer, residual=residual,
+                        norm_weight=norm_weight, eps=eps, residual_out=residual_out)
+        return y, residual_out
+    if source.is_cuda and weight.dtype in _TRITON_DTYPES:
+        from thresher.kernels.triton_producers import produce_thresholded
+
+        x, residual_out = produce_thresholded(producer, source.contiguous(), thresholds, levels, weight.dtype,
+                                              residual, norm_weight, eps)
+        return _dense(x, weight), residual_out
+    x, residual_out = produce_reference(producer, source, weight.dtype, residual, norm_weight, eps)
+    return _dense(threshold_activations(x, thresholds[levels]), weight), residual_out
+
+
+@torch.library.custom_op("thresher::threshold_linear", mutates_args=())
+def threshold_linear(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor,
+                     levels: torch.Tensor) -> torch.Tensor:
+    """threshold(x) @ W^T in fp32, each row of x `[rows, K]` thresholded by its level (`thresholds [L, K]`,
+    `levels [>= rows]`): for an input that no kernel of the model's can threshold on the way (o's, which attention
+    makes). The Triton kernel thresholds in its compaction, where it costs no launch of its own."""
+    return _produced_linear(PLAIN, x, weight, thresholds, levels)[0]
+
+
+@torch.library.custom_op("thresher::silu_mul_linear", mutates_args=())
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor,
+                    levels: torch.Tensor) -> torch.Tensor:
+    """threshold(silu(gate) * up) @ W^T in fp32 for the fp32 output `[rows, 2K]` of a gate/up projection."""
+    return _produced_linear(SILU_MUL, gate_up, weight, thresholds, levels)[0]
+
+
+@torch.library.custom_op("thresher::add_rms_norm_linear", mutates_args=())
+def add_rms_norm_linear(y: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, thresholds: torch.Tensor,
+                        levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(threshold(RMSNorm(y + residual)) @ W^T in fp32, y + residual) for the fp32 output y `[rows, K]` of the
+    previous projection: a Llama layer's residual add and RMSNorm before q/k/v or gate/up."""
+    return _produced_linear(ADD_RMS_NORM, y, weight, thresholds, levels, residual, norm_weight, eps)
+
+
+@threshold_linear.register_fake
+def _threshold_linear_shape(x, weight, thresholds, levels):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+@silu_mul_linear.register_fake
+def _silu_mul_linear_shape(gate_up, weight, thresholds, levels):
+    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+@add_rms_norm_linear.register_fake
+def _add_rms_norm_linear_shape(y, residual, norm_weight, eps, weight, thresholds, levels):
+    return y.new_empty((y.shape[0], weight.shape[0]), dtype=torch.float32), torch.empty_like(residual)

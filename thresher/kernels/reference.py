@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+# What makes a projection's input from the previous projection's fp32 output (the Triton versions compute it inside
+# the sparse kernel's compaction, see triton_producers): nothing (x is given), SiLU-and-multiply (before down), or
+# the residual add and RMSNorm (before q/k/v and gate/up).
+PLAIN, SILU_MUL, ADD_RMS_NORM = 0, 1, 2
+
 
 def select_thresholds(thresholds: torch.Tensor, level_index: torch.Tensor | int) -> torch.Tensor:
     """Per-row threshold vectors from a `[levels, in_features]` table and a level index (scalar or per row)."""
@@ -38,3 +43,31 @@ def sparse_linear_reference(
     """
     t = select_thresholds(thresholds, level_index)
     return torch.nn.functional.linear(threshold_activations(x, t), weight)
+
+
+def silu_mul_reference(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SiLU-and-multiply of a projection's output `[rows, 2K]` (gate, then up), rounded to `dtype` first, as the
+    producer kernels compute it: silu(g) * u in fp32, rounded once."""
+    gate, up = gate_up.to(dtype).float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(dtype)
+
+
+def add_rms_norm_reference(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * weight, h) for h = y rounded to the residual's dtype, plus the residual: vLLM's fused add and
+    RMSNorm on a projection output that was cast first."""
+    dtype = residual.dtype
+    h = y.to(dtype).float() + residual.float()
+    normed = (h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)).to(dtype)
+    return (normed.float() * weight.float()).to(dtype), h.to(dtype)
+
+
+def produce_reference(producer: int, source: torch.Tensor, dtype: torch.dtype, residual: torch.Tensor | None = None,
+                      norm_weight: torch.Tensor | None = None,
+                      eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, the new residual under ADD_RMS_NORM, else None) made from `source` by `producer`."""
+    if producer == SILU_MUL:
+        return silu_mul_reference(source, dtype), None
+    if producer == ADD_RMS_NORM:
+        return add_rms_norm_reference(source, residual, norm_weight, eps)
+    return source, None

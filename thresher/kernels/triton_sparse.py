@@ -36,6 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from thresher.kernels.reference import ADD_RMS_NORM, PLAIN, SILU_MUL
+from thresher.kernels.triton_producers import TRITON_DTYPES, norm_block, produce_tile, row_inverse_rms
+
 MAX_BATCH = 16
 ZERO_BLOCK = 1024
 
@@ -52,9 +55,10 @@ def _wait_for_previous_kernel(USE_GDC: tl.constexpr):
 @triton.jit
 def _compact_live_channels(
     x_ptr, thresholds_ptr, levels_ptr, live_ptr, values_ptr, counts_ptr, y_ptr,
+    residual_ptr, norm_weight_ptr, residual_out_ptr, eps,
     B, K, chunk, chunks, total,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, HAS_THRESHOLDS: tl.constexpr, USE_GDC: tl.constexpr,
-    ZERO_BLOCK: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr, PRODUCER: tl.constexpr, DTYPE: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
@@ -73,7 +77,12 @@ def _compact_live_channels(
     zeros = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(y_ptr + zeros, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=zeros < total)
     if pid < chunks:
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=both, other=0.0)
+        # x from what the previous kernel wrote (see triton_producers): as is, or SiLU-and-multiply, or the residual
+        # add and RMSNorm, whose every program reads the whole row for the norm
+        inverse_rms = row_inverse_rms(x_ptr, residual_ptr, rows, row_ok, K, eps, PRODUCER, DTYPE, BLOCK_B,
+                                      NORM_BLOCK)
+        x = produce_tile(x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, inverse_rms, rows, ks, both, K,
+                         PRODUCER, DTYPE)
         if HAS_THRESHOLDS:
             keep = (tl.abs(x.to(tl.float32)) > t) & both
         else:
@@ -168,16 +177,21 @@ def _launch_config(k: int, n: int) -> tuple[int, int, int, int, int]:
 
 def sparse_gemv(
     x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor | None = None, levels: torch.Tensor | None = None,
-    config=None,
+    config=None, *, producer: int = PLAIN, residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = threshold(x) @ Wt in fp32, for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]`
     int.
 
     Without thresholds, x is taken as already thresholded (the engine thresholds where Inductor can fuse it into
     the producer of x) and the channels where every row is zero are skipped.
+
+    With a `producer` (see `triton_producers`), x is what the previous projection wrote, in fp32, and the input is
+    made from it on the way: SILU_MUL takes x `[rows, 2K]` (gate, then up); ADD_RMS_NORM takes x `[rows, K]`, the
+    `residual` to add and the RMSNorm's `norm_weight` and `eps`, and writes the new residual into `residual_out`.
     """
-    rows, k = x.shape
-    n = wt.shape[1]
+    rows = x.shape[0]
+    k, n = wt.shape
     has_thresholds = thresholds is not None
     if has_thresholds and (levels is None or thresholds.shape[-1] != k):
         raise ValueError(f"thresholds need levels and K = {k} columns")
@@ -185,24 +199,31 @@ def sparse_gemv(
         raise ValueError("sparse_gemv needs contiguous x, Wt and thresholds")
     if rows > MAX_BATCH:
         raise ValueError(f"sparse_gemv takes at most {MAX_BATCH} rows, got {rows}")
-    if wt.shape[0] != k:
+    if x.shape[1] != (2 * k if producer == SILU_MUL else k):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}")
+    if producer == ADD_RMS_NORM and (residual is None or norm_weight is None or residual_out is None):
+        raise ValueError("ADD_RMS_NORM needs residual, norm_weight and residual_out")
     block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n)
     pdl = supports_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
     live = torch.empty(k, dtype=torch.int32, device=x.device)
-    values = torch.empty((rows, k), dtype=x.dtype, device=x.device)
+    values = torch.empty((rows, k), dtype=wt.dtype, device=x.device)
     counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
     y = torch.empty((rows, n), dtype=torch.float32, device=x.device)
     total = rows * n
-    # a chunk of 2,048+ channels (gate_up's two) scans faster with 8 warps: 1.3% off gate_up at batch 2 on an H100
+    block_b = triton.next_power_of_2(max(rows, 2))
+    # a chunk of 2,048+ channels (gate_up's two) scans faster with 8 warps: 1.3% off gate_up at batch 2 on an H100;
+    # the norm's whole row, too
+    warps = 8 if chunk >= 2048 or producer == ADD_RMS_NORM else 4
     _compact_live_channels[(max(chunks, triton.cdiv(total, ZERO_BLOCK)),)](
         x, thresholds if has_thresholds else x, levels if has_thresholds else x, live, values, counts, y,
+        residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        residual_out if residual_out is not None else x, eps,
         rows, k, chunk, chunks, total,
-        BLOCK_B=triton.next_power_of_2(max(rows, 2)), CHUNK=triton.next_power_of_2(chunk),
-        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, ZERO_BLOCK=ZERO_BLOCK, launch_pdl=pdl,
-        num_warps=8 if chunk >= 2048 else 4,
+        BLOCK_B=block_b, CHUNK=triton.next_power_of_2(chunk),
+        HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, ZERO_BLOCK=ZERO_BLOCK, PRODUCER=producer,
+        DTYPE=TRITON_DTYPES[wt.dtype], NORM_BLOCK=norm_block(k, block_b), launch_pdl=pdl, num_warps=warps,
     )
     _gather_gemv[(triton.cdiv(n, block_n), chunks)](
         wt, live, values, counts, y, rows, k, n, chunk,
