@@ -16,6 +16,13 @@ which vLLM's memory profiling sees before it sizes the KV cache.
 
 `sparse_linear` is a torch custom op, so torch.compile and CUDA-graph capture see one opaque call whose branch is
 decided by the (static, per captured graph) batch size.
+
+The fused ops (`threshold_linear`, `silu_mul_linear`, `add_rms_norm_linear`) take the previous projection's fp32
+output instead of x, with the thresholds and the per-row levels, and make x themselves (`triton_producers`): inside
+the Triton kernel's compaction at small batches, which saves the producing kernel's launch and x's round trip through
+memory (one Llama-3-8B layer at batch 1, 50%, on an H100: 114.8 -> 111.6 us in vLLM), or in one row kernel before
+cuBLAS above the crossover. The engine's CUDA decoder layer is built from them; `sparse_linear` serves the CPU engine
+and the engine with its sparsity meter on, which must see x.
 """
 
 from __future__ import annotations

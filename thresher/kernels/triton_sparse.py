@@ -10,7 +10,9 @@ Projections that share an input (q/k/v, gate/up) are one call on their concatena
 Two launches, and the output in fp32 for the caller to cast where it fuses the cast into its next kernel (the
 engine's RMSNorm or SiLU-and-multiply, under torch.compile):
 1. `_compact_live_channels`: per chunk of input channels, the list of channels some row keeps, and their
-   thresholded activations, packed to the front of the chunk; the other programs zero the fp32 output.
+   thresholded activations, packed to the front of the chunk; the other programs zero the fp32 output. The chunk's
+   activations are either x itself or made on the spot from the previous projection's fp32 output (residual add
+   and RMSNorm, or SiLU-and-multiply: `triton_producers`), so the kernel that would have made x is not launched.
 2. `_gather_gemv`: per (output block, chunk), loop over that chunk's live channels only and gather their weight
    rows, multiplied on the tensor cores with the batch padded to 16 rows; each program adds its fp32 partial sum
    into the output with atomics. Work and bytes scale with the kept fraction, not with in_features. (At batch 1 the
