@@ -6,8 +6,8 @@ Each decoder layer's q/k/v, o, gate/up and down projections get the artifact's t
 which skips the channels zeroed in every row, for small decode batches). Level 0 thresholds are zeros, which keep
 every activation: on the CPU, dense requests are exactly stock vLLM; on CUDA they are the same function through
 thresher's kernels. On CUDA the decoder layer is `FusedSparseLlamaDecoderLayer`, whose ops make each projection's
-input inside the sparse kernel (no RMSNorm or SiLU-and-multiply kernels of their own). On Hopper GPUs the model also turns on Inductor's programmatic dependent launch
-(`enable_inductor_pdl`).
+input inside the sparse kernel (no RMSNorm or SiLU-and-multiply kernels of their own). On Hopper GPUs the model also
+turns on Inductor's programmatic dependent launch (`enable_inductor_pdl`).
 """
 
 from __future__ import annotations
