@@ -176,6 +176,19 @@ def test_producers_inside_the_kernel_match_the_reference(producer, dtype, rows):
                                            atol=2 * ulp * source.abs().max())
 
 
+@pytest.mark.parametrize("producer", [PLAIN, SILU_MUL, ADD_RMS_NORM])
+def test_the_row_kernel_spreads_few_rows_over_programs_without_changing_them(producer):
+    # 3 rows: each row's 1,100 channels split over two programs (each summing the whole row for the norm); 160
+    # rows: one program per row
+    source, _, thresholds, levels, residual, norm_weight = _producer_case(producer, 160, 1100, 8, torch.bfloat16)
+    many = produce_thresholded(producer, source, thresholds, levels, torch.bfloat16, residual, norm_weight, 1e-5)
+    few = produce_thresholded(producer, source[:3].contiguous(), thresholds, levels[:3], torch.bfloat16,
+                              residual[:3].contiguous(), norm_weight, 1e-5)
+    assert torch.equal(few[0], many[0][:3]) and few[0].count_nonzero() > 0
+    if producer == ADD_RMS_NORM:
+        assert torch.equal(few[1], many[1][:3])
+
+
 def test_a_silu_mul_source_must_hold_gate_and_up():
     source, w, thresholds, levels, *_ = _producer_case(SILU_MUL, 1, 100, 72, torch.float16)
     with pytest.raises(ValueError, match="shape mismatch"):

@@ -78,17 +78,26 @@ def row_inverse_rms(source_ptr, residual_ptr, rows, row_ok, K, eps, PRODUCER: tl
     return tl.zeros((BLOCK_B,), dtype=tl.float32)
 
 
+# Few rows (decode batches above the Triton kernel's crossover) spread each row over several programs, up to about
+# one program per SM of an H100 (132): one program per row would leave most SMs idle while 16 programs walk 14,336
+# channels each in turn. Many rows (prefill) give each program a whole row, whose norm is then summed once.
+SPREAD_PROGRAMS = 128
+ROW_TILE = 1024
+
+
 @triton.jit
 def _produce_rows(
-    source_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, thresholds_ptr, levels_ptr, x_ptr, K, eps,
+    source_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, thresholds_ptr, levels_ptr, x_ptr, K, eps, SPAN,
     PRODUCER: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
-    """One program per row: x = threshold(produce(row)) over the whole row."""
+    """One program per (row, SPAN columns): x = threshold(produce(row)) there; under ADD_RMS_NORM each program sums
+    the whole row for the norm."""
     rows = tl.program_id(0) + tl.arange(0, 1)
     row_ok = rows >= 0
     inverse_rms = row_inverse_rms(source_ptr, residual_ptr, rows, row_ok, K, eps, PRODUCER, DTYPE, 1, NORM_BLOCK)
     level = tl.load(levels_ptr + rows)
-    for start in range(0, K, BLOCK):
+    first = tl.program_id(1) * SPAN
+    for start in range(first, first + SPAN, BLOCK):
         ks = start + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (ks < K)[None, :]
         x = produce_tile(source_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, inverse_rms, rows, ks, mask,
@@ -107,10 +116,14 @@ def produce_thresholded(
     x = torch.empty((rows, k), dtype=dtype, device=source.device)
     residual_out = torch.empty_like(residual) if producer == ADD_RMS_NORM else None
     if rows:
-        _produce_rows[(rows,)](
+        block = min(ROW_TILE, triton.next_power_of_2(k))
+        splits = max(1, min(triton.cdiv(k, block), SPREAD_PROGRAMS // rows))
+        span = triton.cdiv(triton.cdiv(k, splits), block) * block
+        # rows on the grid's first axis, the only one that takes more than 65,535 programs (long prefills)
+        _produce_rows[(rows, triton.cdiv(k, span))](
             source, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-            residual_out if residual_out is not None else x, thresholds, levels, x, k, eps,
-            PRODUCER=producer, DTYPE=TRITON_DTYPES[dtype], BLOCK=min(2048, triton.next_power_of_2(k)),
-            NORM_BLOCK=norm_block(k, 1), num_warps=8 if producer == ADD_RMS_NORM else 4,
+            residual_out if residual_out is not None else x, thresholds, levels, x, k, eps, span,
+            PRODUCER=producer, DTYPE=TRITON_DTYPES[dtype], BLOCK=block, NORM_BLOCK=norm_block(k, 1),
+            num_warps=8 if producer == ADD_RMS_NORM else 4,
         )
     return x, residual_out
