@@ -1,18 +1,18 @@
 """Pick the sparse-linear implementation by device, dtype and batch.
 
-The caller thresholds x first, in plain torch (`reference.threshold_activations`), so that torch.compile's Inductor
-fuses the thresholding into the kernel that made x (in a Llama layer: the RMSNorm before q/k/v and gate/up, the
-SiLU-and-multiply before down), where it costs no pass of its own. What reaches `sparse_linear` is x with its skipped
-activations already zero, and every path computes x @ W^T: a request's sparsity level changes its activations
-whatever the batch it lands in. Only the speed differs: the Triton kernel skips the weight rows of channels that are
-zero in every row of the batch, which pays while the batch is small; above the crossover the union of kept channels
-nears all of them, and the dense matmul is faster.
+The caller of `sparse_linear` thresholds x first, in plain torch (`reference.threshold_activations`), so that
+torch.compile's Inductor fuses the thresholding into the kernel that made x (in a Llama layer: the RMSNorm before
+q/k/v and gate/up, the SiLU-and-multiply before down), where it costs no pass of its own. What reaches
+`sparse_linear` is x with its skipped activations already zero, and every path computes x @ W^T: a request's sparsity
+level changes its activations whatever the batch it lands in. Only the speed differs: the Triton kernel skips the
+weight rows of channels that are zero in every row of the batch, which pays while the batch is small; above the
+crossover the union of kept channels nears all of them, and the dense matmul is faster.
 
 The result is fp32 on every path (the kernel adds its partial sums into fp32; cuBLAS writes fp32 from the same fp32
-accumulators at no extra cost), and the caller casts it in plain torch, where Inductor fuses the cast into the next
-kernel: a separate pass to add the kernel's partial sums and cast would cost ~1 us per projection. At prefill this
-doubles the memory of the projection outputs (gate_up of Llama-3-8B at 8,192 tokens: 0.94 GB instead of 0.47 GB),
-which vLLM's memory profiling sees before it sizes the KV cache.
+accumulators at no extra cost); the next fused op reads it as it is, and the unfused layer casts it in plain torch,
+where Inductor fuses the cast into the next kernel: a separate pass to add the kernel's partial sums and cast would
+cost ~1 us per projection. At prefill this doubles the memory of the projection outputs (gate_up of Llama-3-8B at
+8,192 tokens: 0.94 GB instead of 0.47 GB), which vLLM's memory profiling sees before it sizes the KV cache.
 
 `sparse_linear` is a torch custom op, so torch.compile and CUDA-graph capture see one opaque call whose branch is
 decided by the (static, per captured graph) batch size.

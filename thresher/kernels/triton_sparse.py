@@ -7,8 +7,8 @@ multiplies are one contiguous row: a channel that no row of the batch keeps is a
 replaces the original (dense matmuls use the `Wt.t()` view at full cuBLAS speed), so it costs no extra memory.
 Projections that share an input (q/k/v, gate/up) are one call on their concatenated weights.
 
-Two launches, and the output in fp32 for the caller to cast where it fuses the cast into its next kernel (the
-engine's RMSNorm or SiLU-and-multiply, under torch.compile):
+Two launches, and the output in fp32, which the engine's next op reads as it is (the next projection's compaction,
+or, in the unfused layer, the RMSNorm or SiLU-and-multiply kernel that Inductor fuses the cast into):
 1. `_compact_live_channels`: per chunk of input channels, the list of channels some row keeps, and their
    thresholded activations, packed to the front of the chunk; the other programs zero the fp32 output. The chunk's
    activations are either x itself or made on the spot from the previous projection's fp32 output (residual add
