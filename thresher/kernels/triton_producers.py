@@ -22,6 +22,8 @@ import triton.language as tl
 
 from thresher.kernels.reference import ADD_RMS_NORM
 
+TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
 # the norm's whole-row sum reads tiles of at most this many elements: at decode (K = 4096, two rows) the whole row
 # in one load, so the sum waits on one round trip to L2 instead of one per tile
 NORM_TILE = 8192
@@ -29,7 +31,6 @@ NORM_TILE = 8192
 
 def norm_block(k: int, block_b: int) -> int:
     return min(triton.next_power_of_2(k), max(16, NORM_TILE // block_b))
-TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
