@@ -138,12 +138,27 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def load_hf_model(resolved: ResolvedModel, dtype=None):
-    """The transformers model and tokenizer of a resolved model, in eval mode."""
+def compute_device(name: str = "auto"):
+    """The torch device that offline work (calibration, evaluation) runs on: `auto` is the CUDA GPU when there is
+    one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ModelError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda was asked for, but torch sees no CUDA GPU here")
+    return torch.device(name)
+
+
+def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
+    """The transformers model (on `device`, see `compute_device`) and tokenizer of a resolved model, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype or torch.float32)
+    target = compute_device(device)
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype or torch.float32).to(target)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     return model, tokenizer

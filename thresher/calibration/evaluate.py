@@ -35,7 +35,7 @@ class SparsityMeter:
 def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: SparsityMeter | None = None,
                        apply=threshold_activations):
     """Within the block, every projection input x of `model` is replaced by `apply(x, thresholds[name])`
-    (`[in_features]`), by default the hard thresholding the kernels compute."""
+    (`[in_features]`, on any device: moved to x's), by default the hard thresholding the kernels compute."""
     handles = []
     for index, layer in enumerate(model.model.layers):
         for group, projections in PROJECTION_GROUPS.items():
@@ -45,7 +45,7 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
                 counts = meter is not None and position == 0
 
                 def hook(_module, args, t=t, counts=counts, out_features=out_features):
-                    x = apply(args[0], t)
+                    x = apply(args[0], t.to(args[0].device))
                     if counts:
                         meter.skipped += float((x == 0).sum()) * out_features
                         meter.total += x.numel() * out_features
@@ -98,7 +98,7 @@ def compare_with_dense(model, windows: list[list[int]],
     nll, kl = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0.0)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc="held-out perplexity and KL", unit="batch", leave=False):
-        ids = torch.tensor(batch)
+        ids = torch.tensor(batch, device=model.device)
         targets = ids[:, 1:, None]
         dense = dense_log_probs(model, ids)[:, :-1]
         dense_nll -= float(dense.gather(-1, targets).sum())

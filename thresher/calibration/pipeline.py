@@ -72,9 +72,10 @@ def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptio
              int(keep.sum()), first, options.context_views, int((~keep).sum()))
     training_set = residuals.vectors[keep]
     sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], length), options.training,
-                         model_name)
+                         model_name, device=model.device)
     end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune,
                                          bf16=bf16_is_native(model.device))
+    sae.cpu()  # the catalog reads the residuals where they are, and the SAE is saved from there
     # the catalog's contexts come from the first view only, so that no text position is listed twice
     first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
     catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
@@ -99,15 +100,19 @@ def calibrate(
     eval_tokens: int = 4096,
     sae: SAEOptions | None = None,
     refine: RefineConfig | None = None,
+    device: str = "auto",
 ) -> dict:
     """Fit thresholds (and, with `sae`, the steering assets) on calibration text, write the artifact to `out`,
     and a quick quality report beside it. With `refine.tokens`, `channel-greedy` thresholds are then refined end to
-    end; `teal-uniform` stays TEAL's baseline as it is."""
+    end; `teal-uniform` stays TEAL's baseline as it is. The model runs on `device` (`auto`: the CUDA GPU when there
+    is one)."""
     levels = tuple(sorted(levels))
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
     resolved = resolve_model(model)
-    hf_model, tokenizer = load_hf_model(resolved)
+    hf_model, tokenizer = load_hf_model(resolved, device=device)
+    log.info("calibrating on %s%s", hf_model.device, "" if bf16_is_native(hf_model.device) else
+             " in fp32 (no bf16 matmul units here: the model's passes take several times longer than with them)")
     started = time.monotonic()
     texts = data.load_texts(data_path, "calibration")
     stats = collect_activation_statistics(hf_model, _windows(texts, tokenizer, max_tokens, "calibration"))
@@ -155,18 +160,20 @@ def evaluate_artifacts(
     report_dir: str | Path | None = None,
     hf_model=None,
     tokenizer=None,
+    device: str = "auto",
 ) -> dict:
     """Perplexity of the dense model, and perplexity, KL divergence from the dense model and measured sparsity of
     every level of every artifact (all fitted on the same model); the SAE's quality if the first artifact has one.
 
-    The model is `model`, else the one the first artifact was calibrated from; a mismatch is an ArtifactError.
+    The model is `model`, else the one the first artifact was calibrated from; a mismatch is an ArtifactError. It
+    runs on `device` unless `hf_model` is given.
     """
     loaded = [load_artifact(a) for a in artifacts]
     first = loaded[0]
     if hf_model is None:
         resolved = resolve_model(model or first.calibration.get("model_source"))
         identity = model_identity(resolved.path, resolved.name)
-        hf_model, tokenizer = load_hf_model(resolved)
+        hf_model, tokenizer = load_hf_model(resolved, device=device)
     else:
         identity = first.model
     for artifact in loaded:
@@ -179,8 +186,9 @@ def evaluate_artifacts(
             variants[number, index] = functools.partial(
                 thresholds_applied, hf_model, level_thresholds(artifact.thresholds, index), meters[number, index])
     assets = SteeringAssets(first.path, identity.hidden_size)
-    if assets.sae is not None:
-        variants["sae"] = functools.partial(sae_spliced, hf_model, assets.sae)
+    sae = None if assets.sae is None else assets.sae.to(hf_model.device)
+    if sae is not None:
+        variants["sae"] = functools.partial(sae_spliced, hf_model, sae)
     dense, scores = compare_with_dense(hf_model, windows, variants)
     report = {
         "model": first.model.name,
@@ -192,8 +200,8 @@ def evaluate_artifacts(
                     "kl_from_dense": round(scores[number, index].kl_from_dense, 4)}
                    for (number, index), meter in meters.items()],
     }
-    if assets.sae is not None:
-        report["sae"] = evaluate_sae(hf_model, windows, assets.sae, dense, scores["sae"],
+    if sae is not None:
+        report["sae"] = evaluate_sae(hf_model, windows, sae, dense, scores["sae"],
                                      live_features=len(assets.catalog))
     write_report(report, report_dir or first.path)
     return report

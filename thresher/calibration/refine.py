@@ -100,7 +100,7 @@ def refine_thresholds_end_to_end(model, stats, thresholds: dict[str, torch.Tenso
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     with frozen_parameters(model), tqdm(steps, desc="threshold refinement", unit="step", leave=False) as bar:
         for step, batch in enumerate(bar):
-            ids = torch.tensor(batch)
+            ids = torch.tensor(batch, device=model.device)
             progress = step / max(len(steps) - 1, 1)
             apply = straight_through_threshold(
                 config.temperature * (config.final_temperature / config.temperature) ** progress)

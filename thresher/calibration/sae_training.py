@@ -72,7 +72,7 @@ def collect_residuals(model, windows: list[list[int]], layer: int, batch_size: i
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
             try:
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    model.model(torch.tensor(windows[start : start + batch_size]))
+                    model.model(torch.tensor(windows[start : start + batch_size], device=model.device))
             except _StopForward:
                 pass
             block = captured.pop()
@@ -142,15 +142,17 @@ def unit_norm_decoder_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
     sae.normalize_decoder()
 
 
-def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str = "") -> SparseAutoencoder:
-    """Fit a TopK SAE to `residuals.vectors`; returns it in raw residual units."""
+def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str = "",
+                   device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """Fit a TopK SAE to `residuals.vectors` (which stay where they are; each batch goes to `device`, where the SAE
+    trains); returns it on `device`, in raw residual units."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     data = residuals.vectors
     d_in = data.shape[1]
     scale = float(data.square().sum(dim=1).mean().sqrt()) / math.sqrt(d_in)
-    sae = SparseAutoencoder(d_in, config.expansion * d_in, config.k, residuals.layer, "topk", model_name)
-    subsample = data[torch.randperm(len(data), generator=generator)[:8192]] / scale
+    sae = SparseAutoencoder(d_in, config.expansion * d_in, config.k, residuals.layer, "topk", model_name).to(device)
+    subsample = data[torch.randperm(len(data), generator=generator)[:8192]].to(device) / scale
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(subsample))
     # fused: one kernel per step instead of a dozen passes over the 5M parameters (a step of the default run's SAE on
@@ -162,18 +164,18 @@ def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str
     # linear decay over the last fifth, as in the TopK recipe
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, 5.0 * (total_steps - step) / total_steps))
-    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     progress = tqdm(total=total_steps, desc=f"SAE layer {residuals.layer}", unit="step", leave=False)
     for _epoch in range(config.epochs):
         order = torch.randperm(len(data), generator=generator)
         for step in range(steps_per_epoch):
-            batch = data[order[step * config.batch_size : (step + 1) * config.batch_size]] / scale
+            batch = data[order[step * config.batch_size : (step + 1) * config.batch_size]].to(device) / scale
             pre = sae.pre_activations(batch)
             top = pre.topk(config.k, dim=-1)
             values = top.values.relu()
             error = batch - sae.decode_sparse(top.indices, values)
             mse = error.square().sum(dim=-1).mean() / (batch - batch.mean(dim=0)).square().sum(dim=-1).mean()
-            fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+            fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
             fired[top.indices[values > 0]] = True
             tokens_since_fired += len(batch)
             tokens_since_fired[fired] = 0
@@ -204,11 +206,11 @@ class SAEQuality:
 def measure_sae(sae: SparseAutoencoder, vectors: torch.Tensor, batch_size: int = 4096) -> SAEQuality:
     squared_error, fired, active = 0.0, torch.zeros(sae.d_sae), 0.0
     for start in range(0, len(vectors), batch_size):
-        batch = vectors[start : start + batch_size]
+        batch = vectors[start : start + batch_size].to(sae.W_enc.device)
         codes = sae.encode(batch)
         squared_error += float((sae.decode(codes) - batch).square().sum())
         on = codes > 0
-        fired += on.sum(dim=0)
+        fired += on.sum(dim=0).cpu()
         active += float(on.sum())
     variance = float((vectors - vectors.mean(dim=0)).square().sum())
     density = fired / len(vectors)

@@ -62,8 +62,8 @@ class ChannelHistogram:
     costs: torch.Tensor  # [in_features, NUM_BINS] float64
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int) -> "ChannelHistogram":
-        zeros = torch.zeros(in_features, NUM_BINS, dtype=torch.float64)
+    def empty(cls, in_features: int, out_features: int, device: torch.device | str = "cpu") -> "ChannelHistogram":
+        zeros = torch.zeros(in_features, NUM_BINS, dtype=torch.float64, device=device)
         return cls(out_features=out_features, counts=zeros, costs=zeros.clone())
 
     @property
@@ -72,8 +72,8 @@ class ChannelHistogram:
 
     def add(self, x: torch.Tensor, grad: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, self.in_features)
-        flat = (bin_index(x.abs()) + torch.arange(self.in_features) * NUM_BINS).view(-1)
-        self.counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
+        flat = (bin_index(x.abs()) + torch.arange(self.in_features, device=x.device) * NUM_BINS).view(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64, device=x.device))
         if grad is not None:
             cost = (grad.detach().reshape(-1, self.in_features).double() * x.double()).square()
             self.costs.view(-1).index_add_(0, flat, cost.view(-1))
@@ -103,7 +103,8 @@ def frozen_parameters(model):
 def collect_activation_statistics(model, windows: list[list[int]], batch_size: int = 4) -> ActivationStatistics:
     """Run the model forward and backward (next-token loss) over the windows and histogram every projection input.
 
-    Parameters are frozen; gradients flow only to activations, so memory stays at one batch's activations.
+    Parameters are frozen; gradients flow only to activations, so memory stays at one batch's activations. The
+    histograms fill on the model's device and are returned on the CPU, where the threshold fit reads them.
     """
     layers = model.model.layers
     stats = ActivationStatistics()
@@ -112,7 +113,7 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
     def hook_group(layer_index: int, group: str):
         name = tensor_name(layer_index, group)
         weight = group_weight(layers[layer_index], group)
-        stats.histograms[name] = ChannelHistogram.empty(weight.shape[1], weight.shape[0])
+        stats.histograms[name] = ChannelHistogram.empty(weight.shape[1], weight.shape[0], model.device)
 
         def capture_input(_module, args):
             x = args[0]
@@ -135,7 +136,7 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
         batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         with frozen_parameters(model):
             for batch in tqdm(batches, desc="activation statistics", unit="batch"):
-                ids = torch.tensor(batch)
+                ids = torch.tensor(batch, device=model.device)
                 embeds = model.get_input_embeddings()(ids).requires_grad_()
                 loss = model(inputs_embeds=embeds, labels=ids).loss * ids.numel()
                 loss.backward()
@@ -143,5 +144,7 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
     finally:
         for handle in handles:
             handle.remove()
+    for histogram in stats.histograms.values():
+        histogram.counts, histogram.costs = histogram.counts.cpu(), histogram.costs.cpu()
     log.info("collected statistics of %d tensors over %d tokens", len(stats.histograms), stats.tokens)
     return stats

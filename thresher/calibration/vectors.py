@@ -43,9 +43,9 @@ def read_pairs(path: str | Path | None = None) -> dict[str, list[tuple[str, str]
 
 @torch.no_grad()
 def _mean_residual(model, tokenizer, text: str, layer: int) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    hidden = model.model(ids, output_hidden_states=True).hidden_states[layer + 1][0]
-    return hidden[1:].float().mean(dim=0) if len(hidden) > 1 else hidden[0].float()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    hidden = model.model(ids, output_hidden_states=True).hidden_states[layer + 1][0].float().cpu()
+    return hidden[1:].mean(dim=0) if len(hidden) > 1 else hidden[0]
 
 
 def contrastive_vectors(model, tokenizer, pairs: dict[str, list[tuple[str, str]]], layer: int,
