@@ -196,8 +196,8 @@ def _default_artifact(model: str | None, artifact: Path | None):
     cached = thresher_home() / "artifacts" / f"{resolved.name}-{identity.fingerprint}"
     if not (cached / "manifest.json").is_file():
         console.print(f"no artifact for {resolved.name} yet: calibrating it once into {cached}, cached afterwards "
-                      "(the embedded model: a few minutes on a GPU; ~13 minutes on 2 CPU cores with bf16 matmul units "
-                      "(AMX), over an hour on 2 older cores without them)")
+                      "(the embedded model: ~13 minutes on 2 CPU cores with bf16 matmul units (AMX), over an hour on "
+                      "2 older AVX2-only cores; on a CUDA GPU the model's passes run there)")
         staging = cached.with_name(cached.name + ".partial")
         calibrate(model, staging, sae=SAEOptions())
         staging.rename(cached)
