@@ -35,17 +35,18 @@ class SparsityMeter:
 def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: SparsityMeter | None = None,
                        apply=threshold_activations):
     """Within the block, every projection input x of `model` is replaced by `apply(x, thresholds[name])`
-    (`[in_features]`, on any device: moved to x's), by default the hard thresholding the kernels compute."""
+    (`[in_features]`, on any device: moved to the model's once, here), by default the hard thresholding the kernels
+    compute."""
     handles = []
     for index, layer in enumerate(model.model.layers):
         for group, projections in PROJECTION_GROUPS.items():
-            t = thresholds[tensor_name(index, group)]
+            t = thresholds[tensor_name(index, group)].to(model.device)
             out_features = sum(layer.get_submodule(p).out_features for p in projections)
             for position, projection in enumerate(projections):
                 counts = meter is not None and position == 0
 
                 def hook(_module, args, t=t, counts=counts, out_features=out_features):
-                    x = apply(args[0], t.to(args[0].device))
+                    x = apply(args[0], t)
                     if counts:
                         meter.skipped += float((x == 0).sum()) * out_features
                         meter.total += x.numel() * out_features

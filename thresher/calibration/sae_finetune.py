@@ -41,10 +41,10 @@ def _fraction_unexplained(residuals: torch.Tensor, reconstructions: torch.Tensor
 def finetune_sae_end_to_end(model, sae: SparseAutoencoder, windows: list[list[int]], config: FineTuneConfig,
                             bf16: bool = False) -> dict:
     """Fine-tune `sae` (on the model's device) in place on `windows` (token-id lists of equal length); returns the
-    first and last steps'
-    KL divergence and fraction of variance unexplained. With `bf16`, the model's forward and backward run under
-    bfloat16 autocast; the SAE itself stays in fp32. On this project's CPU (AMX), continuing the default SAE's fine-tune
-    by 32 steps gave the same held-out spliced perplexity as in fp32 (+22.1%) at 2.2 s/step instead of ~3."""
+    first and last steps' KL divergence and fraction of variance unexplained. With `bf16`, the model's forward and
+    backward run under bfloat16 autocast; the SAE itself stays in fp32. On this project's CPU (AMX), continuing the
+    default SAE's fine-tune by 32 steps gave the same held-out spliced perplexity as in fp32 (+22.1%) at 2.2 s/step
+    instead of ~3."""
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate, fused=True)
     steps = [windows[i : i + config.windows_per_step] for i in range(0, len(windows), config.windows_per_step)]
