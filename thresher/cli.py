@@ -27,6 +27,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 # KV cache of `thresher serve` on a CPU: ~45k tokens of the embedded model in float32
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+SAE_DTYPES = ("float32", "float16", "bfloat16")
 
 ModelOption = Annotated[
     Optional[str],
@@ -94,6 +95,9 @@ def calibrate_command(
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help='jsonl of {"name", "positive", "negative"} texts for contrastive steering vectors; '
              "default: the built-in formal / positive / terse pairs.")] = None,
+    sae_dtype: Annotated[str, typer.Option(
+        help="dtype the SAE's weights are written in: float32, float16 or bfloat16 (half the size; serving and "
+             "evaluation compute in float32 either way).")] = "float32",
     device: DeviceOption = "auto",
 ) -> None:
     """Fit per-channel activation thresholds for several sparsity levels, train an SAE with a feature catalog and
@@ -108,11 +112,13 @@ def calibrate_command(
     for value, hint in ((sae_finetune_tokens, "--sae-finetune-tokens"), (refine_tokens, "--refine-tokens")):
         if value < 0:
             raise typer.BadParameter("must be 0 or more", param_hint=hint)
+    if sae_dtype not in SAE_DTYPES:
+        raise typer.BadParameter(f"must be one of {', '.join(SAE_DTYPES)}", param_hint="--sae-dtype")
     options = None
     if sae:
         options = SAEOptions(layer=sae_layer, tokens=sae_tokens, pairs=steering_pairs,
                              training=TrainingConfig(expansion=sae_expansion, k=sae_k, epochs=sae_epochs),
-                             finetune=FineTuneConfig(tokens=sae_finetune_tokens))
+                             finetune=FineTuneConfig(tokens=sae_finetune_tokens), save_dtype=sae_dtype)
     try:
         report = calibrate(model, out, data_path=data, levels=_parse_levels(levels), method=method,
                            max_tokens=max_tokens, eval_tokens=eval_tokens, sae=options,

@@ -79,7 +79,7 @@ class SparseAutoencoder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def config(self) -> dict:
+    def config(self, dtype: torch.dtype = torch.float32) -> dict:
         return {
             "architecture": self.architecture,
             "d_in": self.d_in,
@@ -88,16 +88,17 @@ class SparseAutoencoder(torch.nn.Module):
             "hook_name": f"blocks.{self.hook_layer}.hook_resid_post",
             "hook_layer": self.hook_layer,
             "model_name": self.model_name,
-            "dtype": "float32",
+            "dtype": str(dtype).removeprefix("torch."),
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the SAELens layout with weights in `dtype` (loading always computes in float32)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG).write_text(json.dumps(self.config(), indent=2) + "\n")
-        save_file({name: t.detach().contiguous().float() for name, t in self.state_dict().items()},
+        (directory / CONFIG).write_text(json.dumps(self.config(dtype), indent=2) + "\n")
+        save_file({name: t.detach().to(dtype).contiguous() for name, t in self.state_dict().items()},
                   directory / WEIGHTS)
         return directory
 

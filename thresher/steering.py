@@ -189,7 +189,8 @@ class SteeringAssets:
 
 
 def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | None, catalog: list[dict],
-                         vectors: dict[str, torch.Tensor], vector_info: dict[str, dict]) -> None:
+                         vectors: dict[str, torch.Tensor], vector_info: dict[str, dict],
+                         sae_dtype: torch.dtype = torch.float32) -> None:
     """Write an SAE, its catalog and named vectors into an artifact directory, replacing older ones.
 
     Call before `Artifact.save`, which records their sha256 in the manifest.
@@ -203,7 +204,7 @@ def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | 
         path = directory / entry
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if sae is not None:
-        sae.save(directory / SAE_DIR / f"layer_{sae.hook_layer}")
+        sae.save(directory / SAE_DIR / f"layer_{sae.hook_layer}", dtype=sae_dtype)
         (directory / FEATURES).write_text(json.dumps({"layer": sae.hook_layer, "d_sae": sae.d_sae,
                                                       "features": catalog}) + "\n")
     if vectors:

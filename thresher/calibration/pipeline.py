@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from thresher import data
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
@@ -55,6 +57,8 @@ class SAEOptions:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     pairs: str | Path | None = None
+    # the dtype the SAE's weights are written in (training and serving compute in float32)
+    save_dtype: str = "float32"
 
 
 def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptions, out: Path,
@@ -85,7 +89,7 @@ def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptio
     for info in vector_info.values():
         info["source"] = source
 
-    save_steering_assets(out, sae, catalog, vectors, vector_info)
+    save_steering_assets(out, sae, catalog, vectors, vector_info, sae_dtype=getattr(torch, options.save_dtype))
     return {"layer": layer, "tokens": int(keep.sum()), "live_features": len(catalog), "vectors": sorted(vectors),
             "end_to_end": end_to_end}
 
