@@ -7,8 +7,8 @@ torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both
 vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1).
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
-the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is the
-level's quantile of its recorded decode inputs. The fit decodes the batch-1 prompt for the same 256 positions that
+the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is
+calibration's TEAL-uniform fit of its recorded decode inputs. The fit decodes the batch-1 prompt for the same 256 positions that
 are timed, since activations drift with position: fitted on 32 steps of another batch, the 50% level skipped 48.9%.
 The decode-time sparsity each level then reaches is measured and printed too (an eager engine with thresher's meter
 on, the same batch-1 decode).
@@ -29,7 +29,8 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 import torch  # noqa: E402
 
-from thresher.artifact import GROUPS, Artifact, model_identity  # noqa: E402
+from thresher.artifact import Artifact, dense_thresholds, model_identity  # noqa: E402
+from thresher.calibration.thresholds import uniform_thresholds_from_samples  # noqa: E402
 from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides  # noqa: E402
 
 LLAMA3_8B = {
@@ -38,7 +39,7 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
     "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
 }
-EXTENSION = "thresher.engine.sparse_llama.ThresherWorkerExtension"
+EXTENSION = "thresher.engine.measurement.ThresherWorkerExtension"
 PROMPT_TOKENS, NEW_TOKENS = 64, 256
 
 
@@ -79,20 +80,16 @@ def _decode(llm, batch: int, level: float | None, new_tokens: int = NEW_TOKENS, 
 
 def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
     identity = model_identity(model, "llama3-8b-shape-dummy")
-    zeros = {f"layers.{i}.{g}": torch.zeros(1 + len(levels), identity.in_features(g))
-             for i in range(identity.num_layers) for g in GROUPS}
     placeholder = out / "placeholder"
-    Artifact(identity, [0.0, *levels], "teal-uniform", zeros).save(placeholder)
+    Artifact(identity, [0.0, *levels], "teal-uniform", dense_thresholds(identity, 1 + len(levels))).save(placeholder)
     llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, placeholder),
                   worker_extension_cls=EXTENSION)
     llm.collective_rpc("thresher_record_decode_inputs", args=(True, 1))  # one row per forward: decode, not prefill
     _decode(llm, 1, 0.0)
-    fitted = llm.collective_rpc("thresher_fit_uniform_thresholds", args=(levels,))[0]
+    samples = llm.collective_rpc("thresher_decode_input_samples")[0]
     _shutdown(llm)
-    thresholds = {}
-    for name, values in fitted.items():
-        k = zeros[name].shape[1]
-        thresholds[name] = torch.stack([torch.zeros(k)] + [torch.full((k,), v) for v in values])
+    widths = {name: identity.in_features(group) for name, group in identity.tensor_names()}
+    thresholds = uniform_thresholds_from_samples(samples, widths, levels)
     fitted_dir = out / "fitted"
     Artifact(identity, [0.0, *levels], "teal-uniform", thresholds).save(fitted_dir)
     return fitted_dir

@@ -25,7 +25,7 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 import torch  # noqa: E402
 
-from thresher.artifact import GROUPS, Artifact, model_identity  # noqa: E402
+from thresher.artifact import Artifact, dense_thresholds, model_identity  # noqa: E402
 from thresher.engine import engine_overrides, request_extras  # noqa: E402
 from thresher.models import resolve_model  # noqa: E402
 from thresher.sae import SparseAutoencoder  # noqa: E402
@@ -62,8 +62,7 @@ def _dummy_llama3_8b(root: Path) -> tuple[Path, Path]:
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA3_8B))
     identity = model_identity(model, model.name)
-    thresholds = {f"layers.{i}.{g}": torch.zeros(1, identity.in_features(g))
-                  for i in range(identity.num_layers) for g in GROUPS}
+    thresholds = dense_thresholds(identity, 1)
     artifact = root / "artifact"
     torch.manual_seed(0)
     hidden, d_sae = identity.hidden_size, 256

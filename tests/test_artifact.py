@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from thresher.artifact import GROUPS, Artifact, ArtifactError, ModelIdentity, load_artifact
+from thresher.artifact import Artifact, ArtifactError, ModelIdentity, load_artifact
 
 IDENTITY = ModelIdentity(
     name="tiny", architecture="LlamaForCausalLM", num_layers=2, hidden_size=8, intermediate_size=12,
@@ -14,11 +14,10 @@ IDENTITY = ModelIdentity(
 def _artifact() -> Artifact:
     torch.manual_seed(0)
     thresholds = {}
-    for layer in range(2):
-        for group in GROUPS:
-            table = torch.rand(3, IDENTITY.in_features(group))
-            table[0] = 0
-            thresholds[f"layers.{layer}.{group}"] = table
+    for name, group in IDENTITY.tensor_names():
+        table = torch.rand(3, IDENTITY.in_features(group))
+        table[0] = 0
+        thresholds[name] = table
     return Artifact(IDENTITY, [0.0, 0.25, 0.5], "channel-greedy", thresholds, {"tokens": 100})
 
 

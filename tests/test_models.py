@@ -39,10 +39,11 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
         resolve_model(broken)
 
 
-def test_non_llama_architecture_is_rejected(tmp_path):
+def test_unsupported_architecture_is_rejected_naming_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelError, match="GPT2LMHeadModel.*Llama family"):
+    with pytest.raises(ModelError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM.*Qwen2ForCausalLM, "
+                                         "Qwen3ForCausalLM"):
         resolve_model(tmp_path)
 
 

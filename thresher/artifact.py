@@ -24,11 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from thresher import __version__
+from thresher.families import Family, UnsupportedArchitecture, family_of
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.safetensors"
-GROUPS = ("qkv", "o", "gate_up", "down")
 # the optional steering assets (read and written through `thresher.steering`)
 SAE_DIR, FEATURES, VECTORS_DIR = "sae", "features.json", "vectors"
 STEERING_ENTRIES = (SAE_DIR, FEATURES, VECTORS_DIR)
@@ -50,11 +50,22 @@ class ModelIdentity:
     num_heads: int
     num_kv_heads: int
     fingerprint: str
+    # only where the config sets one other than hidden_size / num_heads (Qwen3), so older manifests stay equal
+    head_dim: int | None = None
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.architecture)
 
     def in_features(self, group: str) -> int:
-        return {"qkv": self.hidden_size, "o": self.hidden_size, "gate_up": self.hidden_size}.get(
-            group, self.intermediate_size
-        )
+        width = next(g.width for g in self.family.groups if g.name == group)
+        attention = self.num_heads * (self.head_dim or self.hidden_size // self.num_heads)
+        return {"hidden": self.hidden_size, "attention": attention, "intermediate": self.intermediate_size}[width]
+
+    def tensor_names(self) -> list[tuple[str, str]]:
+        """`(tensor name, group name)` of every thresholded input, layer by layer."""
+        return [(group.tensor_name(layer), group.name) for layer in range(self.num_layers)
+                for group in self.family.groups]
 
 
 _WEIGHT_SAMPLE = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight")
@@ -79,16 +90,25 @@ def model_identity(model_path: str | os.PathLike, name: str | None = None) -> Mo
                     sample = f.get_slice(tensor_name)[:8].reshape(-1)[:_SAMPLE_VALUES]
                     digest.update(sample.float().numpy().tobytes())
                     break
+    num_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim")
     return ModelIdentity(
         name=name or path.name,
         architecture=(config.get("architectures") or ["unknown"])[0],
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
-        num_heads=config["num_attention_heads"],
-        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads", num_heads),
         fingerprint=digest.hexdigest()[:16],
+        head_dim=head_dim if head_dim and head_dim != config["hidden_size"] // num_heads else None,
     )
+
+
+def dense_thresholds(identity: ModelIdentity, num_levels: int) -> dict[str, torch.Tensor]:
+    """All-zero threshold tables `[num_levels, in_features]` for every input of the model: every level dense, to be
+    filled in (benchmarks of models that exist only in the engine start from these)."""
+    return {name: torch.zeros(num_levels, identity.in_features(group)) for name, group in identity.tensor_names()}
 
 
 def _sha256(path: Path) -> str:
@@ -136,19 +156,17 @@ class Artifact:
     def validate(self) -> None:
         if not self.levels or self.levels[0] != 0.0 or sorted(self.levels) != self.levels:
             raise ArtifactError(f"levels must start at 0.0 and increase, got {self.levels}")
-        for layer in range(self.model.num_layers):
-            for group in GROUPS:
-                name = f"layers.{layer}.{group}"
-                table = self.thresholds.get(name)
-                expected = (len(self.levels), self.model.in_features(group))
-                if table is None:
-                    raise ArtifactError(f"thresholds for {name} are missing")
-                if tuple(table.shape) != expected:
-                    raise ArtifactError(f"thresholds for {name} have shape {tuple(table.shape)}, expected {expected}")
-                if not torch.isfinite(table).all() or (table < 0).any():
-                    raise ArtifactError(f"thresholds for {name} hold negative or non-finite values")
-                if (table[0] != 0).any():
-                    raise ArtifactError(f"thresholds for {name}: level 0 must be all zeros (dense)")
+        for name, group in self.model.tensor_names():
+            table = self.thresholds.get(name)
+            expected = (len(self.levels), self.model.in_features(group))
+            if table is None:
+                raise ArtifactError(f"thresholds for {name} are missing")
+            if tuple(table.shape) != expected:
+                raise ArtifactError(f"thresholds for {name} have shape {tuple(table.shape)}, expected {expected}")
+            if not torch.isfinite(table).all() or (table < 0).any():
+                raise ArtifactError(f"thresholds for {name} hold negative or non-finite values")
+            if (table[0] != 0).any():
+                raise ArtifactError(f"thresholds for {name}: level 0 must be all zeros (dense)")
 
     def check_model(self, identity: ModelIdentity) -> None:
         """Fail unless this artifact was fitted on the model `identity` describes."""
@@ -189,8 +207,9 @@ def load_artifact(directory: str | os.PathLike, model: ModelIdentity | None = No
     try:
         manifest = json.loads(manifest_path.read_text())
         identity = ModelIdentity(**manifest["model"])
+        family_of(identity.architecture)
         files, levels, method = manifest["files"], [float(x) for x in manifest["levels"]], manifest["method"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, UnsupportedArchitecture) as exc:
         raise ArtifactError(f"{manifest_path} is damaged: {exc}") from exc
     if manifest.get("format") != FORMAT_VERSION:
         raise ArtifactError(f"{manifest_path} has format {manifest.get('format')}; this thresher reads {FORMAT_VERSION}")

@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from thresher.families import UnsupportedArchitecture, family_of
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Architectures whose decoder layers have the Llama layout (q/k/v/o, gate/up/down, RMSNorm) that thresher patches.
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 class ModelError(ValueError):
@@ -81,16 +81,13 @@ def _resolve_folder(path: Path, name: str) -> ResolvedModel:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"model folder {path} has an unreadable config.json: {exc}") from exc
-    architectures = config.get("architectures") or []
-    supported = [a for a in architectures if a in LLAMA_FAMILY]
-    if not supported:
-        raise ModelError(
-            f"model {path} has architecture {architectures or 'unknown'}; thresher supports the Llama family "
-            f"({', '.join(LLAMA_FAMILY)})"
-        )
+    try:
+        family = family_of(config.get("architectures"))
+    except UnsupportedArchitecture as error:
+        raise ModelError(f"model {path}: {error}") from None
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"model folder {path} has no weight files (*.safetensors or *.bin)")
-    return ResolvedModel(path=path, name=name, architecture=supported[0])
+    return ResolvedModel(path=path, name=name, architecture=family.architecture)
 
 
 def _file_digest(path: Path, sample_bytes: int = 1 << 22) -> str:
@@ -123,8 +120,10 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     except Exception as exc:  # transformers raises many kinds for a damaged or unsupported GGUF
         raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
     architecture = type(loaded).__name__
-    if architecture not in LLAMA_FAMILY:
-        raise ModelError(f"GGUF file {gguf} holds a {architecture}; thresher supports the Llama family")
+    try:
+        family_of(architecture)
+    except UnsupportedArchitecture as error:
+        raise ModelError(f"GGUF file {gguf}: {error}") from None
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     config.architectures = [architecture]
     # save_pretrained refuses a GGUF-quantized model, so the weights move into a plain model first.

@@ -30,8 +30,6 @@ VECTORS_TENSORS = "vectors/vectors.safetensors"
 VECTORS_META = "vectors/vectors.json"
 MAX_ENTRIES = 16
 MAX_STRENGTH = 100.0
-# SamplingParams.extra_args key holding a request's validated steering spec (as a plain dict).
-STEERING_EXTRA_ARG = "thresher_steering"
 
 
 class SteeringError(ValueError):

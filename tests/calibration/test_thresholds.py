@@ -84,3 +84,17 @@ def test_pooled_costs_keep_each_channels_total_and_grow_with_magnitude():
     per_activation = pooled / h.counts.clamp(min=1)
     occupied = h.counts[0] > 0
     assert (per_activation[0, occupied].diff() > 0).all(), "a larger magnitude costs more to zero"
+
+
+def test_uniform_thresholds_from_samples_hit_each_level():
+    from thresher.calibration.thresholds import uniform_thresholds_from_samples
+
+    torch.manual_seed(0)
+    samples = {"layers.0.qkv": torch.randn(50_000).abs(), "layers.0.down": 3 * torch.randn(50_000).abs()}
+    fitted = uniform_thresholds_from_samples(samples, {"layers.0.qkv": 8, "layers.0.down": 4}, [0.25, 0.5])
+    assert fitted["layers.0.qkv"].shape == (3, 8) and fitted["layers.0.down"].shape == (3, 4)
+    for name, values in samples.items():
+        table = fitted[name]
+        assert (table[0] == 0).all() and (table == table[:, :1]).all()
+        for row, level in ((1, 0.25), (2, 0.5)):
+            assert float((values < table[row, 0]).float().mean()) == pytest.approx(level, abs=0.01)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from thresher.artifact import GROUPS, Artifact, model_identity
+from thresher.artifact import Artifact, dense_thresholds, model_identity
 from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides, request_extras
 from thresher.sae import SparseAutoencoder
 from thresher.steering import SteeringAssets, save_steering_assets
@@ -36,11 +36,9 @@ def gpu_llm(tmp_path_factory, request):
     model = tmp_path_factory.mktemp("llama8b-shape")
     (model / "config.json").write_text(json.dumps(CONFIG))
     identity = model_identity(model, "llama8b-shape")
-    thresholds = {}
-    for layer in range(CONFIG["num_hidden_layers"]):
-        for group in GROUPS:
-            k = identity.in_features(group)
-            thresholds[f"layers.{layer}.{group}"] = torch.stack([torch.zeros(k), torch.zeros(k), torch.full((k,), 1e9)])
+    thresholds = dense_thresholds(identity, 3)
+    for table in thresholds.values():
+        table[2] = 1e9
     artifact = tmp_path_factory.mktemp("artifact")
     _write_synthetic_steering(artifact, CONFIG["hidden_size"], layer=2)
     Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
@@ -50,7 +48,7 @@ def gpu_llm(tmp_path_factory, request):
         llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
                   hf_overrides=engine_overrides(model, artifact),
-                  worker_extension_cls="thresher.engine.sparse_llama.ThresherWorkerExtension")
+                  worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
     llm.thresher_artifact = artifact
     llm.thresher_fused = request.param.endswith("fused")
     assert llm.collective_rpc("thresher_fused_layers")[0] == (CONFIG["num_hidden_layers"] if llm.thresher_fused else 0)

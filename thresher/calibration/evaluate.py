@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from thresher.calibration.statistics import PROJECTION_GROUPS, tensor_name
+from thresher.calibration.statistics import projection_groups
 from thresher.kernels.reference import threshold_activations
 
 
@@ -39,8 +39,9 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
     compute."""
     handles = []
     for index, layer in enumerate(model.model.layers):
-        for group, projections in PROJECTION_GROUPS.items():
-            t = thresholds[tensor_name(index, group)].to(model.device)
+        for group in projection_groups(model):
+            projections = group.hf_modules
+            t = thresholds[group.tensor_name(index)].to(model.device)
             out_features = sum(layer.get_submodule(p).out_features for p in projections)
             for position, projection in enumerate(projections):
                 counts = meter is not None and position == 0

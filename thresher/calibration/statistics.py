@@ -15,15 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from thresher.families import ProjectionGroup, family_of
 
-# Activation groups of one decoder layer: group name -> projections reading the same input (first one is hooked).
-PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o": ("self_attn.o_proj",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
+log = logging.getLogger(__name__)
 
 BINS_PER_OCTAVE = 8
 LOWEST_OCTAVE = -16  # 2^-16 ~ 1.5e-5: below every threshold worth fitting
@@ -44,13 +38,14 @@ def bin_lower_edges() -> torch.Tensor:
     return edges
 
 
-def tensor_name(layer: int, group: str) -> str:
-    return f"layers.{layer}.{group}"
+def projection_groups(model) -> tuple[ProjectionGroup, ...]:
+    """The projection groups of a transformers model's family (an unsupported one is an error listing the families)."""
+    return family_of(type(model).__name__).groups
 
 
-def group_weight(layer_module: torch.nn.Module, group: str) -> torch.Tensor:
+def group_weight(layer_module: torch.nn.Module, group: ProjectionGroup) -> torch.Tensor:
     """The group's projections stacked as one `[sum(out), in]` weight (what a fused kernel multiplies)."""
-    return torch.cat([layer_module.get_submodule(p).weight for p in PROJECTION_GROUPS[group]], dim=0)
+    return torch.cat([layer_module.get_submodule(p).weight for p in group.hf_modules], dim=0)
 
 
 @dataclass
@@ -110,8 +105,8 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
     stats = ActivationStatistics()
     handles = []
 
-    def hook_group(layer_index: int, group: str):
-        name = tensor_name(layer_index, group)
+    def hook_group(layer_index: int, group: ProjectionGroup):
+        name = group.tensor_name(layer_index)
         weight = group_weight(layers[layer_index], group)
         stats.histograms[name] = ChannelHistogram.empty(weight.shape[1], weight.shape[0], model.device)
 
@@ -125,11 +120,11 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
             else:
                 stats.histograms[name].add(x, None)
 
-        first_projection = layers[layer_index].get_submodule(PROJECTION_GROUPS[group][0])
+        first_projection = layers[layer_index].get_submodule(group.hf_modules[0])
         handles.append(first_projection.register_forward_pre_hook(capture_input))
 
     for index in range(len(layers)):
-        for group in PROJECTION_GROUPS:
+        for group in projection_groups(model):
             hook_group(index, group)
 
     try:

@@ -22,7 +22,7 @@ import math
 import torch
 
 from thresher.calibration.statistics import (BINS_PER_OCTAVE, LOWEST_OCTAVE, NUM_BINS, ActivationStatistics,
-                                             bin_lower_edges)
+                                             ChannelHistogram, bin_lower_edges)
 
 METHODS = ("channel-greedy", "teal-uniform")
 
@@ -165,3 +165,17 @@ def fit_channel_thresholds(
         thresholds[name] = table[:, row : row + h.in_features].contiguous()
         row += h.in_features
     return thresholds, reached
+
+
+def uniform_thresholds_from_samples(samples: dict[str, torch.Tensor], widths: dict[str, int],
+                                   levels: list[float]) -> dict[str, torch.Tensor]:
+    """TEAL-uniform thresholds `[1 + len(levels), widths[name]]` from samples of each tensor's activations (its
+    channels pooled), through the same fit as `teal-uniform` calibration: for models that exist only in an engine,
+    whose decode inputs are all there is to fit on (the decode benchmark's dummy weights)."""
+    count = min(len(values) for values in samples.values())  # every tensor weighs the same in the fit
+    stats = ActivationStatistics(tokens=count)
+    for name, values in samples.items():
+        stats.histograms[name] = ChannelHistogram.empty(1, 1)
+        stats.histograms[name].add(values[:count].reshape(-1, 1), None)
+    pooled, _ = fit_channel_thresholds(stats, levels, "teal-uniform")
+    return {name: table.expand(-1, widths[name]).contiguous() for name, table in pooled.items()}

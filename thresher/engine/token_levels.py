@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from thresher.artifact import ArtifactError, level_index
+from thresher.engine.extras import SPARSITY_EXTRA_ARG
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ class TokenLevels:
         self._host = np.zeros(max_tokens, dtype=np.int64)
 
     def level_index(self, sampling_params) -> int:
-        from thresher.engine.plugin import SPARSITY_EXTRA_ARG
-
         extra = getattr(sampling_params, "extra_args", None) or {}
         try:
             return level_index(self.levels, float(extra.get(SPARSITY_EXTRA_ARG, 0.0) or 0.0))

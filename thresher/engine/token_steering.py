@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from vllm.model_executor.models.llama import LlamaDecoderLayer
 
-from thresher.steering import STEERING_EXTRA_ARG, SteeringAssets, SteeringError
+from thresher.engine.extras import STEERING_EXTRA_ARG
+from thresher.steering import SteeringAssets, SteeringError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TokenSteering:
 
 
 class SteeredLayer:
-    """Mixed into a Llama decoder layer's class: its forward, then each token's direction added to the residual
+    """Mixed into a decoder layer's class (every supported family's returns `(hidden_states, residual)`): its forward, then each token's direction added to the residual
     stream.
 
     vLLM defers the residual add to the next layer's norm, so the stream after this layer is
@@ -99,8 +99,6 @@ def _steered(layer_class: type) -> type:
 
 
 def install_steering(layer: torch.nn.Module, steering: TokenSteering) -> None:
-    if not isinstance(layer, LlamaDecoderLayer):
-        raise TypeError(f"thresher steers Llama decoder layers, not {type(layer).__name__}")
     layer.__class__ = _steered(type(layer))
     # the state's own tensors, updated in place by the runner hook
     layer.register_buffer("thresher_steering_table", steering.table, persistent=False)

@@ -1,0 +1,25 @@
+"""What a request carries into vLLM for thresher: its `SamplingParams.extra_args` keys and its prefix-cache salt.
+
+The server builds them with `request_extras`; the engine's per-token states read them back (`token_levels`,
+`token_steering`). These two keys are the whole wire format between the two.
+"""
+
+from __future__ import annotations
+
+# a request's sparsity level (a calibrated fraction; absent or 0.0 = dense)
+SPARSITY_EXTRA_ARG = "thresher_sparsity"
+# a request's validated steering spec, as a plain dict
+STEERING_EXTRA_ARG = "thresher_steering"
+
+
+def request_extras(sparsity: float, steering=None) -> tuple[dict, str | None]:
+    """A request's `SamplingParams.extra_args` and prompt `cache_salt` for a sparsity level and a steering spec.
+
+    The salt keeps the prefix cache from serving KV computed under one steering spec to a request with another
+    (or none); sparsity needs none, since prefill runs dense at every level.
+    """
+    extra_args = {SPARSITY_EXTRA_ARG: sparsity}
+    if steering is None or steering.is_empty():
+        return extra_args, None
+    extra_args[STEERING_EXTRA_ARG] = steering.model_dump()
+    return extra_args, steering.cache_key()

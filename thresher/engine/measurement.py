@@ -1,0 +1,84 @@
+"""Opt-in measurement inside the engine: how sparse decode really runs, and what the projections' inputs are.
+
+Neither is on the serving path: the meter counts only with THRESHER_MEASURE_SPARSITY=1 at engine start, and the
+worker extension is loaded only when a caller names it (`worker_extension_cls`), as the tests and benchmarks do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class DecodeSparsityMeter(torch.nn.Module):
+    """Counts zeroed activations of decode tokens, weighted by the weights each would multiply.
+
+    Kept in tensors, so compiled graphs can carry it.
+    """
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.enabled = os.environ.get("THRESHER_MEASURE_SPARSITY") == "1"
+        # integer counters, filled by index_add over tokens: float scalars and reductions over the dynamic token
+        # dimension are what torch.compile's scalar analysis and Inductor refuse inside compiled graphs
+        self.register_buffer("skipped", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("total", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+
+    def add(self, x: torch.Tensor, sparse_rows: torch.Tensor, out_features: int) -> None:
+        rows = sparse_rows.to(torch.int64)
+        slot = torch.zeros_like(rows)
+        self.skipped.index_add_(0, slot, (x == 0).sum(dim=1) * rows * out_features)
+        self.total.index_add_(0, slot, rows * (x.shape[1] * out_features))
+
+    def read_and_reset(self) -> float:
+        value = self.skipped.item() / self.total.item() if self.total.item() > 0 else 0.0
+        self.skipped.zero_()
+        self.total.zero_()
+        return value
+
+
+class ThresherWorkerExtension:
+    """vLLM worker extension (`worker_extension_cls`), called through `llm.collective_rpc(name, args=...)`.
+
+    - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
+    - `thresher_fused_layers()`: how many decoder layers run the fused ops.
+    - `thresher_record_decode_inputs(on)` and `thresher_decode_input_samples()`: samples of |x| of every projection
+      input in decode steps, for models that only exist in the engine (`load_format="dummy"` speed benchmarks fit
+      their thresholds on them with calibration's own fit). Needs `enforce_eager=True`: hooks do not run inside
+      compiled graphs.
+    """
+
+    def thresher_fused_layers(self) -> int:
+        """How many decoder layers run thresher's fused ops (0 on the CPU, or with the sparsity meter on)."""
+        return sum(bool(layer.thresher_fused) for layer in self.model_runner.get_model().model.layers)
+
+    def thresher_decode_sparsity(self) -> float:
+        return self.model_runner.get_model().sparsity_meter.read_and_reset()
+
+    def thresher_record_decode_inputs(self, on: bool, max_decode_rows: int = 64, samples_per_call: int = 4096) -> None:
+        model = self.model_runner.get_model()
+        for handle in getattr(model, "_thresher_recorders", []):
+            handle.remove()
+        model._thresher_recorders = []
+        for layer in model.model.layers:  # the hooks read each projection's input, which the fused layers never make
+            layer.thresher_fused = model.thresher_fuses_layers and not on
+        if not on:
+            return
+        model._thresher_samples = {}
+        for index, layer in enumerate(model.model.layers):
+            for group in model.thresher_family.groups:
+                samples = model._thresher_samples.setdefault(group.tensor_name(index), [])
+
+                def record(_module, args, samples=samples):
+                    x = args[0]
+                    if x.shape[0] <= max_decode_rows:  # decode steps only
+                        flat = x.detach().abs().float().flatten()
+                        pick = torch.randint(0, flat.numel(), (samples_per_call,), device=flat.device)
+                        samples.append(flat[pick].cpu())
+
+                model._thresher_recorders.append(layer.get_submodule(group.vllm_module).register_forward_pre_hook(record))
+
+    def thresher_decode_input_samples(self) -> dict[str, torch.Tensor]:
+        """Per tensor name, the recorded |x| samples of its decode inputs."""
+        return {name: torch.cat(samples) for name, samples in self.model_runner.get_model()._thresher_samples.items()}
