@@ -32,6 +32,10 @@ THRESHOLDS = "thresholds.safetensors"
 # the optional steering assets (read and written through `thresher.steering`)
 SAE_DIR, FEATURES, VECTORS_DIR = "sae", "features.json", "vectors"
 STEERING_ENTRIES = (SAE_DIR, FEATURES, VECTORS_DIR)
+# Artifacts shipped inside the package, one folder per model name: the embedded default's reference artifact, made by
+# `thresher calibrate --out thresher/reference_artifacts/SmolLM2-135M-Instruct --sae-dtype float16` (README, "The
+# reference artifact"), so that the first `thresher serve` needs no calibration of its own.
+REFERENCE_ARTIFACTS = Path(__file__).parent / "reference_artifacts"
 
 
 class ArtifactError(ValueError):
@@ -196,6 +200,19 @@ class Artifact:
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         self.path = directory
         return directory
+
+
+def reference_artifact(identity: ModelIdentity, root: Path = REFERENCE_ARTIFACTS) -> Path | None:
+    """The artifact shipped for the model `identity` names, verified against it (every file's sha256, the model's
+    fingerprint); None where none is shipped, an `ArtifactError` saying what is wrong where one is but cannot serve."""
+    directory = root / identity.name
+    if not (directory / MANIFEST).is_file():
+        return None
+    try:
+        load_artifact(directory, model=identity)
+    except ArtifactError as error:
+        raise ArtifactError(f"the reference artifact shipped for {identity.name} cannot serve it: {error}") from None
+    return directory
 
 
 def load_artifact(directory: str | os.PathLike, model: ModelIdentity | None = None) -> Artifact:

@@ -191,19 +191,28 @@ def _release_cached_gpu_memory() -> None:
 
 
 def _default_artifact(model: str | None, artifact: Path | None):
-    """The model to serve and its artifact: the one given, else the cached one, calibrated on first use."""
-    from thresher.artifact import model_identity
+    """The model to serve and its artifact: the one given, else the reference artifact shipped for it (the embedded
+    default's), else the cached one, calibrated on first use."""
+    from thresher.artifact import ArtifactError, model_identity, reference_artifact
     from thresher.models import resolve_model, thresher_home
 
     resolved = resolve_model(model)
     if artifact is not None:
         return resolved, Path(artifact)
     identity = model_identity(resolved.path, resolved.name)
+    try:
+        shipped = reference_artifact(identity)
+    except ArtifactError as error:
+        console.print(f"[bold yellow]warning:[/] {error}; calibrating an artifact instead", highlight=False)
+    else:
+        if shipped is not None:
+            console.print(f"using the reference artifact shipped for {resolved.name}: {shipped}")
+            return resolved, shipped
     cached = thresher_home() / "artifacts" / f"{resolved.name}-{identity.fingerprint}"
     if not (cached / "manifest.json").is_file():
         console.print(f"no artifact for {resolved.name} yet: calibrating it once into {cached}, cached afterwards "
-                      "(the embedded model: ~13 minutes on 2 CPU cores with bf16 matmul units (AMX), over an hour on "
-                      "2 older AVX2-only cores; on a CUDA GPU the model's passes run there)")
+                      "(the plan below estimates each stage on this machine; an interrupted run resumes after its "
+                      "statistics pass)")
         staging = cached.with_name(cached.name + ".partial")
         calibrate(model, staging, sae=SAEOptions())
         staging.rename(cached)

@@ -51,9 +51,7 @@ class SAEOptions:
     layer: int | None = None
     tokens: int = 393216
     # Each text token is read in this many windows, offset by a fraction of a window, so the SAE also sees it after
-    # contexts of other lengths: more distinct residuals from the same text. The embedded model, layer 15, same-run
-    # A/B without the fine-tune: held-out FVU 0.190 -> 0.186 and spliced perplexity +29.4% -> +27.2%, with 2 epochs
-    # over both views instead of 3 over one.
+    # contexts of other lengths: more distinct residuals from the same text.
     context_views: int = 2
     training: TrainingConfig = field(default_factory=TrainingConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)

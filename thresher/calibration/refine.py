@@ -29,21 +29,17 @@ from thresher.calibration.thresholds import CalibrationSparsity
 
 @dataclass
 class RefineConfig:
-    # 0 skips the refinement. Level 50% of the embedded model, held-out perplexity (greedy fit: +41.1%): 20 steps of
-    # one 512-token window (10240 tokens, the default) +26.6%, 40 steps +26.2%; 20 steps of two windows +25.9%,
-    # 40 +25.8%. The level holds at decode time too: the engine's decode sparsity at the default artifact's 50% level
-    # (4 prompts, 64 greedy tokens each) is 49.7% refined, 49.4% as fitted
-    tokens: int = 10240
+    """The refinement's budget and schedule (how each default was chosen: bench/RESULTS.md, "Calibration
+    defaults")."""
+
+    tokens: int = 10240  # 0 skips the refinement
     windows_per_step: int = 1
-    # in natural-log units of the thresholds; after 20 steps of 2 windows: 0.01 +29.8%, 0.025 +25.9%, 0.05 +30.5%,
-    # 0.15 +97% (diverged)
-    learning_rate: float = 0.025
+    learning_rate: float = 0.025  # in natural-log units of the thresholds
     # width of the sigmoid surrogate in log|x|, annealed geometrically from `temperature` at the first step to
-    # `final_temperature` at the last. Held fixed, after 20 steps of 1 window: 0.1 +34.1%, 0.2 +26.6%, 0.5 +28.4%.
-    # Annealed 0.4 -> 0.1 on the default statistics: 40% +8.75% -> +7.8%, 50% +27.5% -> +27.2% (fixed 0.2 -> annealed)
+    # `final_temperature` at the last
     temperature: float = 0.4
     final_temperature: float = 0.1
-    # levels under this stay as fitted: at 25% the greedy fit is +0.3% and refinement made it +1.1%
+    # levels under this stay as fitted: low levels are already close to dense, and refining them cost quality
     min_level: float = 0.3
 
 

@@ -24,9 +24,9 @@ from thresher.sae import SparseAutoencoder
 
 @dataclass
 class FineTuneConfig:
-    # 0 skips the fine-tune. On the embedded model's default SAE (held-out 16k tokens): 32k tokens +23.3% spliced
-    # perplexity, 64k +22.1%, 96k +22.1%; each 32k costs ~1.5 min on 2 CPU cores
-    tokens: int = 65536
+    """The end-to-end fine-tune's budget (how it was chosen: bench/RESULTS.md, "Calibration defaults")."""
+
+    tokens: int = 65536  # 0 skips the fine-tune
     windows_per_step: int = 2
     learning_rate: float = 1e-4
     # weight of the reconstruction term (fraction of variance unexplained) beside the KL divergence in nats per token

@@ -105,13 +105,11 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
 
 @dataclass
 class TrainingConfig:
+    """The TopK SAE's shape and training budget (how each default was chosen: bench/RESULTS.md, "Calibration
+    defaults")."""
+
     expansion: int = 8
     k: int = 32
-    # 131k tokens x 8 epochs overfit (train / held-out FVU 0.138 / 0.213); 262k x 4 gave 0.157 / 0.199, and 393k x 3
-    # held-out 0.190 (spliced perplexity +29% instead of +34%, before the end-to-end fine-tune); 393k text tokens in
-    # two context views (786k residuals, see SAEOptions.context_views) x 2 gave 0.186 (+27%). After the default
-    # fine-tune (held-out 16k tokens): 2 views x 2 epochs 0.189 / +21.8%, x 3 0.183 / +20.7% (4 min on 2 cores);
-    # 3 views x 2 0.183 / +21.0%, while 3 views x 1.33 (the steps of 2 x 2) gave 0.189 / +22.3%: steps, not views
     epochs: int = 3
     batch_size: int = 256  # small batches: many updates from the ~260k tokens a CPU can gather in minutes
     learning_rate: float = 1e-3

@@ -1,0 +1,68 @@
+"""The reference artifact shipped for the embedded default model: it loads, matches the model, is refused with a
+clear error when damaged or fitted on another model, and a cheap part of it (the contrastive steering vectors) is
+re-derived from the embedded model and compared."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from thresher.artifact import REFERENCE_ARTIFACTS, ArtifactError, load_artifact, model_identity, reference_artifact
+from thresher.steering import SteeringAssets
+
+
+@pytest.fixture(scope="module")
+def identity(embedded_model):
+    return model_identity(embedded_model.path, embedded_model.name)
+
+
+def test_the_reference_artifact_matches_the_embedded_model(identity):
+    directory = reference_artifact(identity)
+    assert directory == REFERENCE_ARTIFACTS / "SmolLM2-135M-Instruct"
+    artifact = load_artifact(directory, model=identity)
+    assert artifact.levels == [0.0, 0.25, 0.4, 0.5, 0.6] and artifact.method == "channel-greedy"
+    assert artifact.calibration["tokens"] == 24576
+    assets = SteeringAssets(directory, identity.hidden_size)
+    assert assets.layer == 15 and assets.sae.d_sae == 4608 and len(assets.catalog) > 4000
+    assert sorted(assets.vector_info) == ["formal", "positive", "terse"]
+    report = json.loads((directory / "report.json").read_text())
+    assert [entry["level"] for entry in report["levels"]] == [0.25, 0.4, 0.5, 0.6]
+
+
+def test_no_reference_for_other_models(identity):
+    assert reference_artifact(replace(identity, name="my-llama")) is None
+
+
+def test_a_damaged_reference_artifact_is_refused(identity, tmp_path):
+    root = tmp_path / "reference"
+    shutil.copytree(REFERENCE_ARTIFACTS / identity.name, root / identity.name)
+    vectors = root / identity.name / "vectors" / "vectors.safetensors"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="reference artifact shipped for SmolLM2-135M-Instruct cannot serve it: "
+                                            ".*vectors.safetensors is damaged"):
+        reference_artifact(identity, root=root)
+
+
+def test_a_reference_artifact_of_another_model_is_refused(identity):
+    with pytest.raises(ArtifactError, match="calibrated for model 'SmolLM2-135M-Instruct'.*fingerprint 00"):
+        reference_artifact(replace(identity, fingerprint="0000000000000000"))
+
+
+def test_its_steering_vectors_are_rederived_from_the_embedded_model(identity, hf_model):
+    """The vectors are the cheapest whole stage of the recorded calibration: the same pairs through the same model."""
+    from thresher.calibration.vectors import contrastive_vectors, read_pairs
+
+    model, tokenizer = hf_model
+    assets = SteeringAssets(REFERENCE_ARTIFACTS / identity.name, identity.hidden_size)
+    residual_norm = next(iter(assets.vector_info.values()))["residual_norm"]
+    vectors, info = contrastive_vectors(model, tokenizer, read_pairs(None), assets.layer, residual_norm)
+    for name, vector in vectors.items():
+        shipped = assets.vectors[name].float()
+        assert torch.nn.functional.cosine_similarity(vector, shipped, dim=0) > 0.999, name
+        assert float(vector.norm()) == pytest.approx(float(shipped.norm()), rel=1e-3), name
+        assert info[name]["suggested_strength"] == pytest.approx(assets.vector_info[name]["suggested_strength"],
+                                                                 rel=1e-2)
