@@ -8,7 +8,8 @@ No 8B weights can be downloaded here, so the model is Llama-3-8B's shape (32 lay
 of `--tokenizer` (the embedded model's: its ids are a subset of the vocabulary). Calibration runs with every default
 budget (`--device cuda`, the SAE written in float16), as a user's `thresher calibrate --model` would; its stages'
 times and peak memory (from the manifest) go into the results file, which is rewritten after each step, so a run
-cut short still leaves what it measured. Then vLLM loads the model with the artifact and decodes at the 50% level
+cut short still leaves what it measured; run again with the same `--work`, it reuses the model and the calibration
+resumes after its statistics pass. Then vLLM loads the model with the artifact and decodes at the 50% level
 with a steering vector.
 """
 
@@ -87,9 +88,10 @@ def main() -> None:
     import torch
 
     results["device"] = torch.cuda.get_device_name()
-    started = time.monotonic()
-    build_model(model, args.tokenizer, args.layers)
-    results["build_model_seconds"] = round(time.monotonic() - started, 1)
+    if not (model / "config.json").is_file():  # a later run with the same --work reuses it, and resumes calibrating
+        started = time.monotonic()
+        build_model(model, args.tokenizer, args.layers)
+        results["build_model_seconds"] = round(time.monotonic() - started, 1)
     save()
     command = [sys.executable, "-m", "thresher", "calibrate", "--model", str(model), "--data", str(args.data),
                "--out", str(artifact), "--device", "cuda", "--sae-dtype", "float16"]
