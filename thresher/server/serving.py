@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thresher.artifact import Artifact, load_artifact, model_identity
-from thresher.engine import engine_overrides, request_extras
+from thresher.engine import engine_overrides
 from thresher.server.errors import engine_unavailable
-from thresher.steering import SteeringAssets, SteeringSpec
+from thresher.steering import SteeringAssets
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,11 @@ class ServingEngine:
         if self.engine.errored:
             raise engine_unavailable("the engine has died; restart the server")
 
-    async def generate(self, prompt_ids: list[int], params, request_id: str, sparsity: float,
-                       steering: SteeringSpec | None) -> AsyncIterator:
-        """Stream vLLM RequestOutputs; steering rides in extra_args and salts the prefix cache."""
-        from vllm.inputs import TokensPrompt
+    async def generate(self, prompt: dict, params, request_id: str) -> AsyncIterator:
+        """Stream vLLM RequestOutputs of a prepared request (see `engine_request`)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self.check_ready()
-        params.extra_args, cache_salt = request_extras(sparsity, steering)
-        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
-        if cache_salt is not None:
-            prompt["cache_salt"] = cache_salt
         try:
             async for output in self.engine.generate(prompt, params, request_id):
                 yield output
