@@ -2,26 +2,39 @@
 
 The way of a chat request through the server, start to end:
 
-1. `routes.chat_completions` receives the body, already parsed and validated by FastAPI into
-   `protocol.ChatCompletionRequest` (types, ranges; a failure is a 400 naming the field, see `errors`).
-2. `prepare_chat` (here) checks the model name and the thresher extensions against the artifact, renders the chat
-   template, tokenizes, checks the context length, and builds `SamplingParams` with thresher's `extra_args` and the
-   prompt's `cache_salt` (`thresher.engine.request_extras`): an `EngineRequest`.
-3. `generation.Generation` hands the prompt and params to `ServingEngine.generate` (vLLM's `AsyncLLM`), then
-   collects the outputs into one response or streams them as server-sent events, and aborts the request in the
-   engine if the client goes away.
+1. The body is at most `ServingEngine.max_body_bytes` (`limits.BodyLimit`, else a 413), parsed and validated by
+   FastAPI into `protocol.ChatCompletionRequest` (types, ranges, unknown fields; a failure is a 400 naming the
+   field, see `errors`), then handed to `routes.chat_completions`.
+2. `prepare_chat` (here):
+   - checks the model name and the thresher extensions (`sparsity`, `steering`) against the artifact;
+   - builds vLLM's own `ChatCompletionRequest` from the body: vLLM's tool parser (`--tool-call-parser`) reads it,
+     adjusts it for `tool_choice` "required" or a named function (a JSON schema of the calls), and vLLM maps its
+     `response_format` to `StructuredOutputsParams`, so constrained decoding is vLLM's;
+   - checks the prompt's length cheaply (characters) and then exactly (tokens), the chat template rendered and
+     tokenized off the event loop;
+   - builds `SamplingParams`, with the structured-output constraint, thresher's `extra_args` and the prompt's
+     `cache_salt` (`thresher.engine.request_extras`): an `EngineRequest`.
+3. `generation.Generation` hands prompt and params to `ServingEngine.generate` (vLLM's `AsyncLLM`), collects the
+   outputs into one response or streams them as server-sent events (tool calls parsed by the same vLLM parser),
+   and aborts the request in the engine if the client goes away.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+from vllm.exceptions import VLLMValidationError
 
 from thresher.artifact import ArtifactError
 from thresher.engine import request_extras
-from thresher.server.errors import APIError, bad_request
+from thresher.server.errors import APIError, bad_request, vllm_rejected
 from thresher.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest, completion_id
 from thresher.server.serving import ServingEngine
 from thresher.steering import SteeringError, SteeringSpec
+
+# the request's fields that are thresher's, not OpenAI's or vLLM's
+EXTENSIONS = {"sparsity", "steering"}
 
 
 @dataclass
@@ -31,34 +44,67 @@ class EngineRequest:
     kind: str  # "chat.completion" or "text_completion"
     request_id: str
     prompt: dict  # vLLM's TokensPrompt: prompt_token_ids, and cache_salt when steered
-    params: object  # vllm.SamplingParams, extra_args included
+    params: object  # vllm.SamplingParams, structured outputs and extra_args included
     sparsity: float
     steering: SteeringSpec | None
     stream: bool
     include_usage: bool
+    # chat with tools: vLLM's request and a factory of its parsers (one per choice: they keep stream state)
+    tool_request: object | None = None
+    new_tool_parser: object | None = None
 
 
-def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> EngineRequest:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> EngineRequest:
+    sparsity, steering = _thresher_options(body, serving)
+    vllm_request = _vllm_chat_request(body)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    new_parser = None
+    if body.tools and body.tool_choice != "none":
+        new_parser = serving.tool_parser_factory(vllm_request.tools)
+        try:
+            vllm_request = new_parser().adjust_request(vllm_request)
+        except (ValueError, VLLMValidationError) as error:
+            raise vllm_rejected(error, "tools") from None
+    structured_outputs = vllm_request.extract_structured_outputs()
+    messages = [m.template_message() for m in body.messages]
+    characters = sum(len(m["content"]) for m in messages) + len(json.dumps(tools) if tools else "")
+    _check_length(serving, characters, "messages", body.max_completion_tokens or body.max_tokens, exact=False)
     try:
-        text = serving.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = await serving.tokenize_chat(messages, tools)
     except Exception as error:  # the template rejects some role orders
         raise bad_request(f"messages: the chat template rejects them: {error}", param="messages") from None
-    prompt_ids = serving.tokenizer(text, add_special_tokens=False)["input_ids"]
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _engine_request(body, serving, prompt_ids, body.max_completion_tokens or body.max_tokens, logprobs,
-                           "chat.completion", "messages")
+    prepared = _engine_request(body, serving, sparsity, steering, prompt_ids,
+                               body.max_completion_tokens or body.max_tokens, logprobs, "chat.completion",
+                               "messages", structured_outputs)
+    if new_parser is not None:
+        prepared.tool_request, prepared.new_tool_parser = vllm_request, new_parser
+    return prepared
 
 
-def prepare_completion(body: CompletionRequest, serving: ServingEngine) -> EngineRequest:
+async def prepare_completion(body: CompletionRequest, serving: ServingEngine) -> EngineRequest:
+    sparsity, steering = _thresher_options(body, serving)
     if isinstance(body.prompt, str):
-        prompt_ids = serving.tokenizer(body.prompt)["input_ids"]
+        _check_length(serving, len(body.prompt), "prompt", body.max_tokens, exact=False)
+        prompt_ids = await serving.tokenize(body.prompt)
     else:
         vocab = len(serving.tokenizer)
         if not body.prompt or any(not 0 <= t < vocab for t in body.prompt):
             raise bad_request(f"prompt: token ids must be a non-empty list within 0..{vocab - 1}", param="prompt")
         prompt_ids = list(body.prompt)
-    return _engine_request(body, serving, prompt_ids, body.max_tokens, body.logprobs, "text_completion", "prompt")
+    return _engine_request(body, serving, sparsity, steering, prompt_ids, body.max_tokens, body.logprobs,
+                           "text_completion", "prompt", None)
+
+
+def _vllm_chat_request(body: ChatCompletionRequest):
+    """vLLM's own model of the request, which its tool parsers and structured-output mapping read."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMChatCompletionRequest
+
+    fields = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=EXTENSIONS)
+    try:
+        return VLLMChatCompletionRequest.model_validate(fields)
+    except (ValueError, VLLMValidationError) as error:  # vLLM's own checks, e.g. of a response_format
+        raise vllm_rejected(error, "messages") from None
 
 
 def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[float, SteeringSpec | None]:
@@ -82,26 +128,34 @@ def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[fl
     return sparsity, steering
 
 
-def _engine_request(body: SamplingRequest, serving: ServingEngine, prompt_ids: list[int], max_tokens: int | None,
-                    logprobs: int | None, kind: str, prompt_field: str) -> EngineRequest:
+def _check_length(serving: ServingEngine, size: int, field: str, max_tokens: int | None, exact: bool) -> None:
+    """A prompt of `size` tokens (`exact`) or characters (a bound: before tokenizing, no token is longer than
+    `serving.max_token_chars`) leaves room for `max_tokens` in the context, or the request is a 400."""
+    limit = serving.max_model_len
+    tokens = size if exact else -(-size // serving.max_token_chars)
+    room = limit - tokens
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        measured = f"{size} tokens" if exact else f"{size} characters, at least {tokens} tokens,"
+        raise bad_request(f"{field}: the prompt has {measured} and max_tokens is {max_tokens}; together they "
+                          f"exceed the context of {limit} tokens", param=field, code="context_length_exceeded")
+
+
+def _engine_request(body: SamplingRequest, serving: ServingEngine, sparsity: float, steering: SteeringSpec | None,
+                    prompt_ids: list[int], max_tokens: int | None, logprobs: int | None, kind: str,
+                    prompt_field: str, structured_outputs) -> EngineRequest:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    sparsity, steering = _thresher_options(body, serving)
     serving.check_ready()
-    limit = serving.max_model_len
-    room = limit - len(prompt_ids)
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        raise bad_request(f"{prompt_field}: the prompt has {len(prompt_ids)} tokens and max_tokens is "
-                          f"{max_tokens}; together they exceed the context of {limit} tokens",
-                          param=prompt_field, code="context_length_exceeded")
+    _check_length(serving, len(prompt_ids), prompt_field, max_tokens, exact=True)
     extra_args, cache_salt = request_extras(sparsity, steering)
     params = SamplingParams(
-        n=body.n, max_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-        stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
+        n=body.n, max_tokens=max_tokens or serving.max_model_len - len(prompt_ids), temperature=body.temperature,
+        top_p=body.top_p, stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
-        output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY, extra_args=extra_args,
+        output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+        structured_outputs=structured_outputs, extra_args=extra_args,
     )
     prompt = TokensPrompt(prompt_token_ids=prompt_ids)
     if cache_salt is not None:

@@ -58,6 +58,7 @@ class Generation:
         self.endpoint = "/v1/chat/completions" if self.kind == "chat.completion" else "/v1/completions"
         self.completion_tokens = 0
         self.created = now()
+        self.tools = ToolCalls(prepared) if prepared.new_tool_parser is not None else None
 
     def _usage(self) -> dict:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -67,13 +68,21 @@ class Generation:
         return {"id": self.request_id, "object": obj, "created": self.created,
                 "model": self.serving.settings.served_model_name, "choices": choices, **self.applied}
 
-    def _choice_delta(self, out, first: bool) -> dict:
+    def _choice_delta(self, out, first: bool) -> dict | None:
+        """One choice of a stream chunk; None when the tool parser holds its text back (inside a call's markup)."""
         logprobs = _logprobs_entry(self.kind, list(out.token_ids), out.logprobs, self.params.logprobs or 0,
                                    self.serving.tokenizer)
-        if self.kind == "chat.completion":
-            delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-            return {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
-        return {"index": out.index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        if self.kind != "chat.completion":
+            return {"index": out.index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        if self.tools is None:
+            delta = {"content": out.text}
+        else:
+            delta = self.tools.delta(out, self.prepared.prompt["prompt_token_ids"])
+            if delta is None and out.finish_reason is None and logprobs is None and not first:
+                return None
+        delta = {"role": "assistant", **(delta or {})} if first else delta or {}
+        finish_reason = self.tools.finish_reason(out) if self.tools is not None else out.finish_reason
+        return {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     async def _outputs(self) -> AsyncIterator:
         """Engine outputs, with metrics; the request is aborted in the engine if the client goes away."""
@@ -132,7 +141,10 @@ class Generation:
             lp = _logprobs_entry(self.kind, token_ids[index],
                                  logprobs.get(index, []) if self.params.logprobs is not None else None,
                                  self.params.logprobs or 0, self.serving.tokenizer)
-            if self.kind == "chat.completion":
+            if self.kind == "chat.completion" and self.tools is not None:
+                message, finish_reason = self.tools.message(index, text, token_ids[index], finish[index])
+                choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason})
+            elif self.kind == "chat.completion":
                 choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                                 "finish_reason": finish[index]})
             else:
@@ -146,12 +158,68 @@ class Generation:
             async for output in self._outputs():
                 choices = []
                 for out in output.outputs:
-                    choices.append(self._choice_delta(out, first=out.index not in started))
-                    started.add(out.index)
+                    choice = self._choice_delta(out, first=out.index not in started)
+                    if choice is not None:
+                        choices.append(choice)
+                        started.add(out.index)
                 if choices:
                     yield f"data: {json.dumps(self._envelope(choices, obj))}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**self._envelope([], obj), 'usage': self._usage()})}\n\n"
-        except APIError as error:  # the engine died mid-stream: say so in the stream, as OpenAI does
-            yield f"data: {json.dumps(error.body())}\n\n"
+        except APIError as error:
+            if not started:  # before the first chunk: a plain error response (see `first_chunk`)
+                raise
+            yield f"data: {json.dumps(error.body())}\n\n"  # the engine died mid-stream: said in the stream
         yield "data: [DONE]\n\n"
+
+
+class ToolCalls:
+    """The tool calls in a chat request's outputs, parsed by vLLM's parser as vLLM's server does: per choice, with
+    `tool_choice` "required" or a named function read from the JSON the constraint forced."""
+
+    def __init__(self, prepared: EngineRequest):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionNamedToolChoiceParam
+
+        self.request, self.new_parser = prepared.tool_request, prepared.new_tool_parser
+        self.named = isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
+        self.parsers: dict[int, object] = {}
+        self.called: set[int] = set()
+
+    def _parser(self, index: int):
+        return self.parsers.setdefault(index, self.new_parser())
+
+    def message(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> tuple[dict, str]:
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+        from vllm.renderers.chat_utils import make_tool_call_id
+
+        _, content, calls = self._parser(index).parse(text, self.request, enable_auto_tools=True,
+                                                      model_output_token_ids=token_ids)
+        calls = maybe_filter_parallel_tool_calls(calls or [], self.request)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            self.called.add(index)
+            message["tool_calls"] = [{"id": call.id or make_tool_call_id(), "type": "function",
+                                      "function": {"name": call.name, "arguments": call.arguments}}
+                                     for call in calls]
+        return message, self._finish_reason(index, finish_reason)
+
+    def delta(self, out, prompt_ids: list[int]) -> dict | None:
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+
+        delta = self._parser(out.index).parse_delta(out.text, list(out.token_ids), self.request, prompt_ids,
+                                                    finished=out.finish_reason is not None)
+        if delta is None:
+            return None
+        delta = maybe_filter_parallel_tool_calls(delta, self.request)
+        if delta.tool_calls:
+            self.called.add(out.index)
+        return delta.model_dump(exclude_none=True, exclude={"reasoning"})
+
+    def finish_reason(self, out) -> str | None:
+        return None if out.finish_reason is None else self._finish_reason(out.index, out.finish_reason)
+
+    def _finish_reason(self, index: int, finish_reason: str | None) -> str | None:
+        # as OpenAI: "tool_calls" when the model called tools of its choice or as required, "stop" for a named one
+        if index in self.called and not self.named and finish_reason == "stop":
+            return "tool_calls"
+        return finish_reason

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from thresher.server.engine_request import EngineRequest, prepare_chat, prepare_completion
-from thresher.server.errors import APIError
+from thresher.server.errors import APIError, bad_request
 from thresher.server.generation import Generation
 from thresher.server.metrics import ServerMetrics
-from thresher.server.protocol import ChatCompletionRequest, CompletionRequest, now
+from thresher.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                                      ErrorResponse, TokenizeRequest, TokenizeResponse, now)
 from thresher.server.serving import ServingEngine
 
 
@@ -38,17 +40,31 @@ async def require_api_key(serving: Serving, request: Request) -> None:
                        type="authentication_error", code="invalid_api_key")
 
 
+def _errors(*statuses: int) -> dict:
+    """OpenAPI entries of the error responses a route really gives: all in OpenAI's shape."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+ERROR_DESCRIPTIONS = {400: "Invalid request: `param` names the field", 401: "Missing or wrong API key",
+                      404: "Unknown model or resource", 413: "Body larger than the server's bound",
+                      503: "The engine is starting or has died"}
+JSON_OR_EVENTS = {200: {"content": {"application/json": {"schema": {"type": "object"}},
+                                    "text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "One response, or server-sent events with `stream: true`"}}
+
 public = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+authorized = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401))
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401))
 
 
-@public.get("/health", summary="200 when the engine can serve, 503 otherwise")
+@public.get("/health", summary="200 when the engine can serve, 503 otherwise", responses=_errors(503))
 async def health(serving: Serving) -> Response:
     serving.check_ready()
     return JSONResponse({"status": "ok"})
 
 
-@public.get("/metrics", summary="Prometheus metrics")
+@public.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus(metrics: Metrics) -> Response:
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -63,7 +79,7 @@ async def list_models(serving: Serving) -> dict:
     }]}
 
 
-@v1.get("/steering/features", summary="Search the SAE feature catalog")
+@v1.get("/steering/features", summary="Search the SAE feature catalog", responses=_errors(400))
 async def search_features(serving: Serving,
                           q: Annotated[str, Query(description="Substring of a label, token or context")] = "",
                           limit: Annotated[int, Query(ge=1, le=200)] = 20,
@@ -72,7 +88,7 @@ async def search_features(serving: Serving,
     return {"object": "list", "layer": serving.assets.layer, "data": hits}
 
 
-@v1.get("/steering/features/{feature_id}")
+@v1.get("/steering/features/{feature_id}", responses=_errors(400, 404))
 async def feature_detail(feature_id: int, serving: Serving) -> dict:
     entry = serving.assets.feature(feature_id)
     if entry is None:
@@ -87,21 +103,70 @@ async def list_vectors(serving: Serving) -> dict:
                                        for name, info in sorted(serving.assets.vector_info.items())]}
 
 
-@v1.post("/chat/completions")
+GENERATION_ERRORS = _errors(400, 404, 413, 503)
+
+
+@v1.post("/chat/completions", responses={**JSON_OR_EVENTS, **GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, serving: Serving,
                            metrics: Metrics) -> Response:
-    return await _respond(prepare_chat(body, serving), request, serving, metrics)
+    return await _respond(await prepare_chat(body, serving), request, serving, metrics)
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses={**JSON_OR_EVENTS, **GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request, serving: Serving, metrics: Metrics) -> Response:
-    return await _respond(prepare_completion(body, serving), request, serving, metrics)
+    return await _respond(await prepare_completion(body, serving), request, serving, metrics)
 
 
 async def _respond(prepared: EngineRequest, request: Request, serving: ServingEngine,
                    metrics: ServerMetrics) -> Response:
     metrics.count_request_kind(prepared.sparsity, prepared.steering)
     generation = Generation(serving, metrics, request, prepared)
-    if prepared.stream:
-        return StreamingResponse(generation.sse(prepared.include_usage), media_type="text/event-stream")
-    return JSONResponse(await generation.collect())
+    if not prepared.stream:
+        return JSONResponse(await generation.collect())
+    events = generation.sse(prepared.include_usage)
+    # the first event is awaited here, so an error the engine finds in the request is a plain 400 or 503
+    first = await anext(events)
+
+    async def stream():
+        yield first
+        async for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _check_model(model: str | None, serving: ServingEngine) -> None:
+    if model is not None and model != serving.settings.served_model_name:
+        raise APIError(404, f"model '{model}' is not served here; this server serves "
+                            f"'{serving.settings.served_model_name}'", param="model", code="model_not_found")
+
+
+@authorized.post("/tokenize", responses=_errors(400, 404, 413), summary="Tokens of a prompt or chat, as vLLM's")
+async def tokenize(body: TokenizeRequest, serving: Serving) -> TokenizeResponse:
+    _check_model(body.model, serving)
+    if body.messages is None:
+        tokens = await serving.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        if body.add_special_tokens:
+            raise bad_request("add_special_tokens: the chat template adds the special tokens of messages",
+                              param="add_special_tokens")
+        try:
+            tokens = await serving.tokenize_chat(
+                [m.template_message() for m in body.messages],
+                [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message)
+        except Exception as error:  # the template rejects some role orders
+            raise bad_request(f"messages: the chat template rejects them: {error}", param="messages") from None
+    strings = serving.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    return TokenizeResponse(count=len(tokens), max_model_len=serving.max_model_len, tokens=tokens,
+                            token_strs=strings)
+
+
+@authorized.post("/detokenize", responses=_errors(400, 404, 413), summary="Text of tokens, as vLLM's")
+async def detokenize(body: DetokenizeRequest, serving: Serving) -> DetokenizeResponse:
+    _check_model(body.model, serving)
+    vocab = len(serving.tokenizer)
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise bad_request(f"tokens: token ids must be within 0..{vocab - 1}", param="tokens")
+    return DetokenizeResponse(prompt=await asyncio.to_thread(serving.tokenizer.decode, body.tokens))
