@@ -248,6 +248,7 @@ def serve_command(
     """Serve the model with OpenAI-compatible endpoints, sparsity levels and steering (vLLM engine)."""
     import torch
     import uvicorn
+    from vllm.config import StructuredOutputsConfig
 
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
@@ -265,6 +266,9 @@ def serve_command(
                 "tensor_parallel_size": tensor_parallel_size,
                 **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available()),
                 "max_num_seqs": max_num_seqs, "dtype": dtype,
+                # JSON from response_format and tools by xgrammar, without free whitespace: the grammar allows any
+                # amount between tokens, and small models run away in it until max_tokens cuts the JSON short
+                "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
                 "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
                 **_parse_engine_args(engine_arg),
             },

@@ -20,11 +20,11 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                                                                             "maximum": 120},
                          "likes_tea": {"type": "boolean"}}}
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city now.",
+    "name": "get_weather", "description": "The weather in a city now.", "strict": True,
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
                    "properties": {"city": {"type": "string", "maxLength": 16}}}}}
 TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The time in a time zone.",
+    "name": "get_time", "description": "The time in a time zone.", "strict": True,
     "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
                    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}}}}}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -50,14 +50,15 @@ def test_json_schema_answers_validate(server, extra):
 
 def test_json_object_streamed_parses(server):
     chunks = server.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with a colour."}], max_tokens=80,
+        model=MODEL, max_tokens=80,
+        messages=[{"role": "user", "content": "Return a JSON object with the keys colour and hex for the colour red."}],
         temperature=0.0, response_format={"type": "json_object"}, stream=True)
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
 
 
 def test_named_tool_choice_calls_that_tool(server):
     response = server.client().chat.completions.create(
-        model=MODEL, messages=ASK_WEATHER, max_tokens=40, temperature=0.0, tools=[WEATHER, TIME],
+        model=MODEL, messages=ASK_WEATHER, max_tokens=80, temperature=0.0, tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = response.choices[0]
     assert choice.finish_reason == "stop" and not choice.message.content
