@@ -106,7 +106,7 @@ def test_tool_results_go_back_and_auto_answers(server):
     ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0"),
+    ({"messages": [{"role": "critic", "content": "hi"}]}, "messages.0.role"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": _schema_format({"type": "no-such-type"})}, "response_format"),
 ])

@@ -120,6 +120,9 @@ def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[fl
         raise bad_request(f"sparsity: {error}", param="sparsity") from None
     steering = body.steering
     if steering is not None:
+        if steering.layer is not None and steering.layer != serving.assets.layer:  # even with nothing to add
+            raise bad_request(f"steering.layer: the artifact steers at layer {serving.assets.layer}, not "
+                              f"{steering.layer}", param="steering.layer")
         try:
             serving.assets.validate(steering)
         except SteeringError as error:
@@ -150,13 +153,16 @@ def _engine_request(body: SamplingRequest, serving: ServingEngine, sparsity: flo
     serving.check_ready()
     _check_length(serving, len(prompt_ids), prompt_field, max_tokens, exact=True)
     extra_args, cache_salt = request_extras(sparsity, steering)
-    params = SamplingParams(
-        n=body.n, max_tokens=max_tokens or serving.max_model_len - len(prompt_ids), temperature=body.temperature,
-        top_p=body.top_p, stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
-        output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
-        structured_outputs=structured_outputs, extra_args=extra_args,
-    )
+    try:
+        params = SamplingParams(
+            n=body.n, max_tokens=max_tokens or serving.max_model_len - len(prompt_ids), temperature=body.temperature,
+            top_p=body.top_p, stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
+            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=structured_outputs, extra_args=extra_args,
+        )
+    except (ValueError, VLLMValidationError) as error:  # vLLM's own checks of the sampling options
+        raise vllm_rejected(error, None) from None
     prompt = TokensPrompt(prompt_token_ids=prompt_ids)
     if cache_salt is not None:
         prompt["cache_salt"] = cache_salt

@@ -28,10 +28,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def vllm_rejected(error: Exception, param: str) -> APIError:
+def vllm_rejected(error: Exception, param: str | None) -> APIError:
     """A 400 for a request vLLM's own checks refuse, naming the field vLLM names, else `param`."""
     param = getattr(error, "parameter", None) or param
-    return bad_request(f"{param}: {error}", param=param)
+    return bad_request(f"{param}: {error}" if param else str(error), param=param)
 
 
 def engine_unavailable(message: str) -> APIError:
@@ -68,7 +68,9 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         """Starlette's own errors (unknown path, wrong method) in the same shape."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return await api_error(request, APIError(error.status_code, str(error.detail), code=code))
+        response = await api_error(request, APIError(error.status_code, str(error.detail), code=code))
+        response.headers.update(error.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, _error: RecursionError) -> JSONResponse:

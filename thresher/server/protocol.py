@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
-from thresher.steering import MAX_ENTRIES, MAX_STRENGTH, SteeringSpec
+from thresher import steering
+from thresher.steering import MAX_ENTRIES, MAX_STRENGTH
 
 SPARSITY_DESCRIPTION = ("thresher: fraction of projection weights to skip for this request's decode steps; one of "
                         "the artifact's calibrated levels (GET /v1/models lists them). Default: the server's "
@@ -24,26 +26,51 @@ STEERING_DESCRIPTION = ("thresher: directions added to the residual stream after
                         f"strengths finite and within ±{MAX_STRENGTH:g}.")
 
 
-class Strict(BaseModel):
-    """A part of a request: a field thresher does not know is a 400 naming it, never silently ignored."""
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    model_config = ConfigDict(extra="forbid")
+
+# JSON Schema's integer: 2 and 2.0, never true or "2"
+Integer = Annotated[int, BeforeValidator(_integral)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    """A part of a request: a field thresher does not know is a 400 naming it, never silently ignored, and a value
+    of the wrong JSON type is a 400 too, never coerced (a number is no bool, a string no number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class FeatureTerm(steering.FeatureTerm, Strict):
+    id: Integer = Field(description=steering.FeatureTerm.model_fields["id"].description)
+
+
+class VectorTerm(steering.VectorTerm, Strict):
+    pass
+
+
+class SteeringSpec(steering.SteeringSpec, Strict):
+    __doc__ = steering.SteeringSpec.__doc__
+    layer: Integer | None = Field(default=None, description=steering.SteeringSpec.model_fields["layer"].description)
+    features: list[FeatureTerm] = Field(default_factory=list)
+    vectors: list[VectorTerm] = Field(default_factory=list)
+
+
 class SamplingRequest(Strict):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Integer | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    n: Integer = Field(default=1, ge=1, le=16)
+    stop: StopString | list[StopString] | None = None
+    seed: Integer | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -76,21 +103,13 @@ class ToolCall(Strict):
 
 
 class ChatMessage(Strict):
+    """Any role may leave out what it has no use for (as vLLM's server allows): a missing content is empty."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(default=None, description="assistant: the tools it called.")
     tool_call_id: str | None = Field(default=None, description="tool: the call this message answers.")
-
-    @model_validator(mode="after")
-    def _fields_of_the_role(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if (self.tool_call_id is None) != (self.role != "tool"):
-            raise ValueError("tool messages, and only they, carry tool_call_id")
-        return self
 
     def template_message(self) -> dict:
         """The message as chat templates take it: text content, tool-call arguments as objects."""
@@ -145,6 +164,10 @@ class JsonSchema(Strict):
 class ResponseFormat(Strict):
     """`json_object` and `json_schema` constrain decoding (vLLM's structured outputs); `text` does not."""
 
+    model_config = ConfigDict(json_schema_extra={"if": {"properties": {"type": {"const": "json_schema"}}},
+                                                 "then": {"required": ["json_schema"]},
+                                                 "else": {"not": {"required": ["json_schema"]}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
 
@@ -156,10 +179,14 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={  # a tool_choice other than "none" needs tools
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Integer | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Integer | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -178,17 +205,26 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[Integer] = Field(min_length=1)
+    logprobs: Integer | None = Field(default=None, ge=0, le=5)
+    max_tokens: Integer | None = Field(default=16, ge=1)
+
+
+CHAT_ONLY = ("tools", "add_generation_prompt", "continue_final_message")
 
 
 class TokenizeRequest(Strict):
     """vLLM's /tokenize: a `prompt` as /v1/completions tokenizes it, or `messages` as /v1/chat/completions does."""
 
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"], "not": {"anyOf": [{"required": [f]} for f in ("messages", *CHAT_ONLY)]}},
+                  {"required": ["messages"], "not": {"required": ["prompt"]}}],
+        "if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
+        "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}}})
+
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str = None  # one of prompt and messages; neither may be null
+    messages: list[ChatMessage] = Field(default=None, min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -200,8 +236,8 @@ class TokenizeRequest(Strict):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send either prompt or messages")
-        if self.messages is None and (self.tools is not None or self.continue_final_message):
-            raise ValueError("tools and continue_final_message go with messages")
+        if self.prompt is not None and self.model_fields_set & set(CHAT_ONLY):
+            raise ValueError(f"{', '.join(CHAT_ONLY)} go with messages")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message needs add_generation_prompt false")
         return self
@@ -216,7 +252,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int] = Field(max_length=2**20)
+    tokens: list[Integer] = Field(max_length=2**20)
 
 
 class DetokenizeResponse(BaseModel):

@@ -147,15 +147,12 @@ async def tokenize(body: TokenizeRequest, serving: Serving) -> TokenizeResponse:
     if body.messages is None:
         tokens = await serving.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
-        if body.add_special_tokens:
-            raise bad_request("add_special_tokens: the chat template adds the special tokens of messages",
-                              param="add_special_tokens")
         try:
             tokens = await serving.tokenize_chat(
                 [m.template_message() for m in body.messages],
                 [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
                 add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message)
+                continue_final_message=body.continue_final_message, add_special_tokens=bool(body.add_special_tokens))
         except Exception as error:  # the template rejects some role orders
             raise bad_request(f"messages: the chat template rejects them: {error}", param="messages") from None
     strings = serving.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None

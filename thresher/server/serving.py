@@ -70,12 +70,13 @@ class ServingEngine:
         return encoded["input_ids"]
 
     async def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            add_special_tokens: bool = False) -> list[int]:
         """The chat template rendered and tokenized, off the event loop."""
         text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tools=tools,
                                        add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message, tokenize=False)
-        return await self.tokenize(text, add_special_tokens=False)
+        return await self.tokenize(text, add_special_tokens=add_special_tokens)
 
     def _build_engine(self):
         from vllm import AsyncEngineArgs
@@ -137,7 +138,7 @@ class ServingEngine:
         except EngineDeadError as error:
             raise engine_unavailable(f"the engine died: {error}") from None
         except (ValueError, VLLMValidationError) as error:  # vLLM's checks, e.g. of a schema it cannot compile
-            raise vllm_rejected(error, "response_format") from None
+            raise vllm_rejected(error, "response_format" if params.structured_outputs else None) from None
 
     async def abort(self, request_id: str) -> None:
         if self.engine is not None:
