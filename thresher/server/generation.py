@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from thresher import __version__
 from thresher.server.engine_request import EngineRequest
 from thresher.server.errors import APIError
 from thresher.server.metrics import ServerMetrics
@@ -18,6 +19,8 @@ from thresher.server.protocol import Applied, Usage, now
 from thresher.server.serving import ServingEngine
 
 log = logging.getLogger(__name__)
+# OpenAI's field for the backend configuration that answered
+SYSTEM_FINGERPRINT = f"thresher-{__version__}"
 
 
 async def _until_disconnected(request: Request, interval: float = 0.5) -> None:
@@ -25,8 +28,10 @@ async def _until_disconnected(request: Request, interval: float = 0.5) -> None:
         await asyncio.sleep(interval)
 
 
-def _logprobs_entry(kind: str, token_ids: list[int], logprobs: list[dict] | None, top_n: int, tokenizer) -> dict | None:
-    """OpenAI logprobs of the new tokens: chat's `content` list, or the completions' parallel lists."""
+def _logprobs_entry(kind: str, token_ids: list[int], logprobs: list[dict] | None, top_n: int, tokenizer,
+                    text_offset: int = 0) -> dict | None:
+    """OpenAI logprobs of the new tokens: chat's `content` list, or the completions' parallel lists (with each
+    token's offset in the choice's text, the first at `text_offset`)."""
     if logprobs is None:
         return None
 
@@ -42,8 +47,11 @@ def _logprobs_entry(kind: str, token_ids: list[int], logprobs: list[dict] | None
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
                              "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
                                               for a, alp in alts]} for t, lp, alts in rows]}
+    offsets = [text_offset]
+    for token, _, _ in rows[:-1]:
+        offsets.append(offsets[-1] + len(token))
     return {"tokens": [t for t, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows],
-            "top_logprobs": [dict(alts) for _, _, alts in rows]}
+            "top_logprobs": [dict(alts) for _, _, alts in rows], "text_offset": offsets[:len(rows)]}
 
 
 class Generation:
@@ -59,6 +67,7 @@ class Generation:
         self.completion_tokens = 0
         self.created = now()
         self.tools = ToolCalls(prepared) if prepared.new_tool_parser is not None else None
+        self.streamed_chars: dict[int, int] = {}  # per choice of a text completion's stream: its text so far
 
     def _usage(self) -> dict:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -66,13 +75,15 @@ class Generation:
 
     def _envelope(self, choices: list[dict], obj: str) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created,
-                "model": self.serving.settings.served_model_name, "choices": choices, **self.applied}
+                "model": self.serving.settings.served_model_name, "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": choices, **self.applied}
 
     def _choice_delta(self, out, first: bool) -> dict | None:
         """One choice of a stream chunk; None when the tool parser holds its text back (inside a call's markup)."""
         logprobs = _logprobs_entry(self.kind, list(out.token_ids), out.logprobs, self.params.logprobs or 0,
-                                   self.serving.tokenizer)
+                                   self.serving.tokenizer, self.streamed_chars.get(out.index, 0))
         if self.kind != "chat.completion":
+            self.streamed_chars[out.index] = self.streamed_chars.get(out.index, 0) + len(out.text)
             return {"index": out.index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
         if self.tools is None:
             delta = {"content": out.text}
