@@ -120,9 +120,10 @@ def answer(base_url: str, method: str, path: str, body) -> tuple[int, dict]:
     return response.status_code, merged
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(embedded_model, tmp_path_factory):
-    """vLLM's own OpenAI server on the embedded model, configured as `thresher serve` configures its engine."""
+    """vLLM's own OpenAI server on the embedded model, configured as `thresher serve` configures its engine; stopped
+    when this module's tests end, so it does not compete for the cores with the later tests."""
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_model.path),

@@ -13,16 +13,13 @@ from tests.server.conftest import API_KEY
 BUDGET_S = 75
 
 
-def test_openapi_document_matches_the_server(server, tmp_path):
+def test_openapi_document_matches_the_server(server):
     environment = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.schemathesis_hooks",
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                   os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.base_url}/openapi.json",
          "--header", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--max-time", str(BUDGET_S),
-         "--request-timeout", "60", "--workers", "2", "--seed", "1", "--report", "junit",
-         "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=BUDGET_S + 240, env=environment)
-    assert result.returncode == 0, result.stdout[-6000:]
-    assert " 0 failures" not in result.stdout and "failure" not in result.stdout.split("SUMMARY")[-1].lower(), \
-        result.stdout[-3000:]
+         "--request-timeout", "120", "--workers", "2", "--seed", "1"],
+        capture_output=True, text=True, timeout=BUDGET_S + 300, env=environment)
+    assert result.returncode == 0 and "No issues found" in result.stdout, result.stdout[-6000:]
