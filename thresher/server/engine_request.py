@@ -89,8 +89,8 @@ async def prepare_completion(body: CompletionRequest, serving: ServingEngine) ->
         prompt_ids = await serving.tokenize(body.prompt)
     else:
         vocab = len(serving.tokenizer)
-        if not body.prompt or any(not 0 <= t < vocab for t in body.prompt):
-            raise bad_request(f"prompt: token ids must be a non-empty list within 0..{vocab - 1}", param="prompt")
+        if any(not 0 <= t < vocab for t in body.prompt):
+            raise bad_request(f"prompt: token ids must be within 0..{vocab - 1}", param="prompt")
         prompt_ids = list(body.prompt)
     return _engine_request(body, serving, sparsity, steering, prompt_ids, body.max_tokens, body.logprobs,
                            "text_completion", "prompt", None)

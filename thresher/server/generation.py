@@ -178,7 +178,7 @@ class Generation:
             if include_usage:
                 yield f"data: {json.dumps({**self._envelope([], obj), 'usage': self._usage()})}\n\n"
         except APIError as error:
-            if not started:  # before the first chunk: a plain error response (see `first_chunk`)
+            if not started:  # before the first chunk: a plain error response (the route awaits that chunk)
                 raise
             yield f"data: {json.dumps(error.body())}\n\n"  # the engine died mid-stream: said in the stream
         yield "data: [DONE]\n\n"
