@@ -248,12 +248,16 @@ def serve_command(
         "--enforce-eager/--no-enforce-eager",
         help="Skip torch.compile and CUDA graphs. Default: eager on CPU (ready in ~45 s instead of ~150 s on 2 "
              "cores, decode ~1.6x slower), compiled on GPU.")] = None,
+    tool_call_parser: Annotated[str, typer.Option(
+        help="vLLM's tool-call parser for the model's output format (vLLM's --tool-call-parser); hermes reads the "
+             "<tool_call> JSON of ChatML models such as the embedded SmolLM2.")] = "hermes",
     engine_arg: Annotated[list[str], typer.Option(help="Any other vLLM engine argument as KEY=VALUE (JSON "
                                                        "values), repeatable.")] = [],  # noqa: B006
 ) -> None:
     """Serve the model with OpenAI-compatible endpoints, sparsity levels and steering (vLLM engine)."""
     import torch
     import uvicorn
+    from vllm.config import StructuredOutputsConfig
 
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
@@ -266,11 +270,14 @@ def serve_command(
         resolved, artifact_dir = _default_artifact(model, artifact)
         settings = ServeSettings(
             model_path=resolved.path, artifact_dir=artifact_dir, served_model_name=served_model_name or resolved.name,
-            default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key,
+            default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key, tool_call_parser=tool_call_parser,
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
                 **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available()),
                 "max_num_seqs": max_num_seqs, "dtype": dtype,
+                # JSON from response_format and tools by xgrammar, without free whitespace: the grammar allows any
+                # amount between tokens, and small models run away in it until max_tokens cuts the JSON short
+                "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
                 "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
                 **_parse_engine_args(engine_arg),
             },

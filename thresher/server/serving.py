@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thresher.artifact import Artifact, load_artifact, model_identity
-from thresher.engine import engine_overrides, request_extras
-from thresher.server.errors import engine_unavailable
-from thresher.steering import SteeringAssets, SteeringSpec
+from thresher.engine import engine_overrides
+from thresher.server.errors import engine_unavailable, vllm_rejected
+from thresher.steering import SteeringAssets
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,13 @@ class ServeSettings:
     default_sparsity: float = 0.0
     max_model_len: int | None = None
     api_key: str | None = None
+    tool_call_parser: str = "hermes"  # vLLM's tool parser for the model's format; hermes reads ChatML <tool_call>
     engine_args: dict = field(default_factory=dict)  # passed through to vLLM's AsyncEngineArgs
 
 
 class ServingEngine:
     def __init__(self, settings: ServeSettings):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.settings = settings
         identity = model_identity(settings.model_path, settings.served_model_name)
@@ -41,12 +42,41 @@ class ServingEngine:
         self.artifact.level_index(settings.default_sparsity)  # fail at startup on an uncalibrated default
         self.assets = SteeringAssets(settings.artifact_dir, identity.hidden_size)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        # no token is longer than this many characters: a prompt's characters bound its tokens before tokenizing
+        self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
+        self.tool_parser_class = _tool_parser_class(settings.tool_call_parser, self.tokenizer)
         self.engine = None
         self.startup_error: BaseException | None = None
-        self.max_model_len = settings.max_model_len
+        # the model's context until the engine reports the one it serves (the same unless --max-model-len)
+        self.max_model_len = settings.max_model_len or AutoConfig.from_pretrained(
+            settings.model_path).max_position_embeddings
         self._task: asyncio.Task | None = None
         # called when the engine cannot start: the CLI stops the server, so a supervisor sees it exit
         self.on_startup_failure = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: the longest prompt the context holds (every token the vocabulary's longest) at
+        6 bytes a character (JSON's \\uXXXX escapes), plus 1 MiB for the rest (tools, schemas, options)."""
+        return 6 * self.max_token_chars * self.max_model_len + 2**20
+
+    def tool_parser_factory(self, tools):
+        """A new vLLM parser of this request's tool calls for each call of the returned function."""
+        return lambda: self.tool_parser_class(self.tokenizer, tools)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Off the event loop: a long prompt must not stall the other requests."""
+        encoded = await asyncio.to_thread(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        return encoded["input_ids"]
+
+    async def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            add_special_tokens: bool = False) -> list[int]:
+        """The chat template rendered and tokenized, off the event loop."""
+        text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tools=tools,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, tokenize=False)
+        return await self.tokenize(text, add_special_tokens=add_special_tokens)
 
     def _build_engine(self):
         from vllm import AsyncEngineArgs
@@ -96,24 +126,32 @@ class ServingEngine:
         if self.engine.errored:
             raise engine_unavailable("the engine has died; restart the server")
 
-    async def generate(self, prompt_ids: list[int], params, request_id: str, sparsity: float,
-                       steering: SteeringSpec | None) -> AsyncIterator:
-        """Stream vLLM RequestOutputs; steering rides in extra_args and salts the prefix cache."""
-        from vllm.inputs import TokensPrompt
+    async def generate(self, prompt: dict, params, request_id: str) -> AsyncIterator:
+        """Stream vLLM RequestOutputs of a prepared request (see `engine_request`)."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self.check_ready()
-        params.extra_args, cache_salt = request_extras(sparsity, steering)
-        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
-        if cache_salt is not None:
-            prompt["cache_salt"] = cache_salt
         try:
             async for output in self.engine.generate(prompt, params, request_id):
                 yield output
         except EngineDeadError as error:
             raise engine_unavailable(f"the engine died: {error}") from None
+        except (ValueError, VLLMValidationError) as error:  # vLLM's checks, e.g. of a schema it cannot compile
+            raise vllm_rejected(error, "response_format" if params.structured_outputs else None) from None
 
     async def abort(self, request_id: str) -> None:
         if self.engine is not None:
             await self.engine.abort(request_id)
 
+
+
+def _tool_parser_class(name: str, tokenizer):
+    """vLLM's parser (tool calls; no reasoning) named by `--tool-call-parser`."""
+    from vllm.parser import ParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    if name not in ToolParserManager.list_registered():
+        raise ValueError(f"--tool-call-parser {name}: vLLM has no such parser; it has "
+                         f"{', '.join(ToolParserManager.list_registered())}")
+    return ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True, tokenizer=tokenizer)
