@@ -19,7 +19,7 @@ def inductor_config(monkeypatch):
 
 
 def test_cpu_engine_leaves_inductor_alone(inductor_config):
-    from thresher.engine.sparse_llama import enable_inductor_pdl
+    from thresher.engine.sparse_models import enable_inductor_pdl
 
     assert not enable_inductor_pdl(torch.device("cpu"))
     assert inductor_config.triton.enable_pdl is False
@@ -27,7 +27,7 @@ def test_cpu_engine_leaves_inductor_alone(inductor_config):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_hopper_engine_turns_it_on_unless_the_user_chose(inductor_config, monkeypatch):
-    from thresher.engine.sparse_llama import enable_inductor_pdl
+    from thresher.engine.sparse_models import enable_inductor_pdl
 
     device = torch.device("cuda")
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
