@@ -50,3 +50,20 @@ def test_unsupported_architecture_is_rejected_naming_the_supported_ones(tmp_path
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model(tmp_path)
+
+
+def test_tensor_parallel_sizes_follow_the_heads(embedded_model):
+    # 9 query heads and 3 KV heads: 2 ranks cannot split them (vLLM refuses it when the engine starts)
+    assert embedded_model.tensor_parallel_sizes() == [1, 3, 9]
+    with pytest.raises(ModelError, match="--tensor-parallel-size 2: SmolLM2-135M-Instruct has 9 query and 3 KV heads, "
+                                         "which vLLM can shard over 1, 3, 9 ranks only"):
+        embedded_model.check_tensor_parallel_size(2)
+
+
+def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_model):
+    from tests.helpers import run_thresher
+
+    result = run_thresher("serve", "--tensor-parallel-size", "2", "--port", "1")
+    assert result.returncode == 2
+    assert "which vLLM can shard over 1, 3, 9 ranks only" in result.stderr
+    assert "serving" not in result.stderr

