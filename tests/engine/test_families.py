@@ -30,7 +30,7 @@ def family(request, tmp_path_factory, embedded_model):
     model, artifact = root / "model", root / "artifact"
     build_tiny_model(request.param, model, embedded_model.path)
     result = run_thresher("calibrate", "--model", str(model), "--out", str(artifact), "--levels", "0.5",
-                          "--max-tokens", "2048", "--eval-tokens", "0", "--refine-tokens", "0", "--sae-tokens", "8192",
+                          "--max-tokens", "1024", "--eval-tokens", "0", "--refine-tokens", "0", "--sae-tokens", "4096",
                           "--sae-epochs", "1", "--sae-k", "8", "--sae-finetune-tokens", "0")
     assert result.returncode == 0, result.stderr[-4000:]
     llm = start_engine(model, enforce_eager=True)
