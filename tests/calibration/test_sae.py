@@ -159,3 +159,18 @@ def test_end_to_end_finetune_brings_the_spliced_model_closer_to_the_dense_one(hf
     assert summary["steps"] == 5 and after < 0.95 * before, (before, after, summary)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-4)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # the model stays untouched
+
+
+def test_an_sae_written_in_half_precision_reconstructs_as_well(assets, hf_model, tmp_path):
+    """`--sae-dtype float16` (the reference artifact's) costs nothing measurable: held-out FVU and L0 as in float32."""
+    from thresher.calibration.sae_training import attention_sink_mask, collect_residuals
+
+    model, tokenizer = hf_model
+    windows = list(token_windows(load_texts(None, "evaluation"), tokenizer, 512, 2048))
+    residuals = collect_residuals(model, windows, assets.sae.hook_layer).vectors
+    residuals = residuals[attention_sink_mask(residuals)]
+    assets.sae.save(tmp_path / "half", dtype=torch.float16)
+    half = load_sae(tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "cfg.json").read_text())["dtype"] == "float16"
+    full, halved = measure_sae(assets.sae, residuals), measure_sae(half, residuals)
+    assert halved.fvu == pytest.approx(full.fvu, abs=1e-3) and halved.l0 == pytest.approx(full.l0, abs=0.05)
