@@ -43,10 +43,11 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(small_artifact, tmp_path_factory):
+def server(embedded_model, tmp_path_factory):
+    """`thresher serve` as `make serve` runs it: the embedded model with its shipped reference artifact."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    command = [sys.executable, "-m", "thresher", "serve", "--artifact", str(small_artifact), "--port", str(port),
+    command = [sys.executable, "-m", "thresher", "serve", "--port", str(port),
                "--api-key", API_KEY, "--max-model-len", "512", "--max-num-seqs", "16", "--dtype", "float32",
                "--kv-cache-gib", "0.25"]
     with log.open("w") as out:

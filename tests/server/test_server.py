@@ -92,6 +92,24 @@ def test_sparsity_and_steering_ride_in_extra_body(server):
     assert sparse.choices[0].message.content != dense.choices[0].message.content
 
 
+def test_the_reference_artifact_serves_every_level_and_vector(server):
+    client = server.client()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    vectors = [v["name"] for v in httpx.get(f"{server.api}/steering/vectors", headers=headers).json()["data"]]
+    assert sorted(vectors) == ["formal", "positive", "terse"]
+    dense = _chat(client, max_tokens=12).choices[0].message.content
+    answers = {}
+    for level in (0.25, 0.4, 0.5, 0.6):
+        response = _chat(client, max_tokens=12, sparsity=level)
+        assert response.model_extra["sparsity"] == level
+        answers[level] = response.choices[0].message.content
+    assert answers[0.6] != dense
+    for name in vectors:
+        response = _chat(client, max_tokens=12, steering={"vectors": [{"name": name, "strength": 3.0}]})
+        assert response.model_extra["steering"]["vectors"] == [{"name": name, "strength": 3.0}]
+        assert response.choices[0].message.content != dense, name
+
+
 def test_concurrent_requests_with_mixed_steering_each_get_their_own_result(server):
     client = server.client()
     specs = [None, {"vectors": [{"name": "formal", "strength": 2.0}]}, None,
@@ -165,7 +183,8 @@ def test_other_errors_in_openai_shape(server):
 def test_catalog_vectors_models_and_schema(server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     models = server.client().models.list().data
-    assert [m.id for m in models] == [MODEL] and models[0].model_extra["sparsity_levels"] == [0.0, 0.25, 0.5]
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["sparsity_levels"] == [0.0, 0.25, 0.4, 0.5, 0.6]
     hits = httpx.get(f"{server.api}/steering/features", params={"q": "the", "limit": 5}, headers=headers).json()
     assert hits["layer"] == 15 and 0 < len(hits["data"]) <= 5
     feature = hits["data"][0]
