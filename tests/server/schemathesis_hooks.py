@@ -12,7 +12,8 @@ def before_call(context, case, **kwargs):
         return
     for field in ("max_tokens", "max_completion_tokens"):
         value = case.body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
+        # JSON's 1e9 is an integer too: it arrives as a float
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
             case.body[field] = MAX_TOKENS
-    if "max_tokens" not in case.body and "max_completion_tokens" not in case.body:
+    if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:  # null: no limit
         case.body["max_tokens"] = MAX_TOKENS
