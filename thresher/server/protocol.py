@@ -66,8 +66,15 @@ class SteeringSpec(steering.SteeringSpec, Strict):
     vectors: list[VectorTerm] = Field(default_factory=list)
 
 
+# vLLM samples one choice greedily: n > 1 needs a temperature above 0
+GREEDY_IS_ONE_CHOICE = {"if": {"required": ["temperature"], "properties": {"temperature": {"const": 0}}},
+                        "then": {"properties": {"n": {"const": 1}}}}
+
+
 class SamplingRequest(Strict):
     """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE]})
 
     model: str
     max_tokens: integer(ge=1) | None = None
@@ -184,9 +191,9 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    model_config = ConfigDict(json_schema_extra={  # a tool_choice other than "none" needs tools
+    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE, {  # tool_choice needs tools
         "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
-        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: integer(ge=1) | None = None
