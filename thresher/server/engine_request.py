@@ -33,8 +33,8 @@ from thresher.server.protocol import ChatCompletionRequest, CompletionRequest, S
 from thresher.server.serving import ServingEngine
 from thresher.steering import SteeringError, SteeringSpec
 
-# the request's fields that are thresher's, not OpenAI's or vLLM's
-EXTENSIONS = {"sparsity", "steering"}
+# the fields of a chat request that vLLM's tool parsers and structured-output mapping read
+VLLM_READS = {"tools", "tool_choice", "parallel_tool_calls", "response_format"}
 
 
 @dataclass
@@ -97,14 +97,15 @@ async def prepare_completion(body: CompletionRequest, serving: ServingEngine) ->
 
 
 def _vllm_chat_request(body: ChatCompletionRequest):
-    """vLLM's own model of the request, which its tool parsers and structured-output mapping read."""
+    """vLLM's own model of what its tool parsers and structured-output mapping read (the messages are rendered here,
+    not by vLLM)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMChatCompletionRequest
 
-    fields = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=EXTENSIONS)
+    fields = {"messages": [], **body.model_dump(mode="json", by_alias=True, exclude_unset=True, include=VLLM_READS)}
     try:
         return VLLMChatCompletionRequest.model_validate(fields)
     except (ValueError, VLLMValidationError) as error:  # vLLM's own checks, e.g. of a response_format
-        raise vllm_rejected(error, "messages") from None
+        raise vllm_rejected(error, "response_format") from None
 
 
 def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[float, SteeringSpec | None]:

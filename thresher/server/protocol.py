@@ -30,8 +30,13 @@ def _integral(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-# JSON Schema's integer: 2 and 2.0, never true or "2"
-Integer = Annotated[int, BeforeValidator(_integral)]
+def integer(**bounds):
+    """JSON Schema's integer: 2 and 2.0, never true or "2"; bounds (ge, le...) bind the int itself, so that the
+    OpenAPI document shows them as minimum and maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Integer = integer()
 StopString = Annotated[str, Field(min_length=1)]
 
 
@@ -61,16 +66,23 @@ class SteeringSpec(steering.SteeringSpec, Strict):
     vectors: list[VectorTerm] = Field(default_factory=list)
 
 
+# vLLM samples one choice greedily: n > 1 needs a temperature above 0
+GREEDY_IS_ONE_CHOICE = {"if": {"required": ["temperature"], "properties": {"temperature": {"const": 0}}},
+                        "then": {"properties": {"n": {"const": 1}}}}
+
+
 class SamplingRequest(Strict):
     """Fields shared by chat and text completions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE]})
+
     model: str
-    max_tokens: Integer | None = Field(default=None, ge=1)
+    max_tokens: integer(ge=1) | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Integer = Field(default=1, ge=1, le=16)
+    n: integer(ge=1, le=16) = 1
     stop: StopString | list[StopString] | None = None
-    seed: Integer | None = Field(default=None, ge=-(2**63), lt=2**63)
+    seed: integer(ge=-(2**63), lt=2**63) | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -179,14 +191,14 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    model_config = ConfigDict(json_schema_extra={  # a tool_choice other than "none" needs tools
+    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE, {  # tool_choice needs tools
         "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
-        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Integer | None = Field(default=None, ge=1)
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: Integer | None = Field(default=None, ge=0, le=20)
+    top_logprobs: integer(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -206,8 +218,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[Integer] = Field(min_length=1)
-    logprobs: Integer | None = Field(default=None, ge=0, le=5)
-    max_tokens: Integer | None = Field(default=16, ge=1)
+    logprobs: integer(ge=0, le=5) | None = None
+    max_tokens: integer(ge=1) | None = 16
 
 
 CHAT_ONLY = ("tools", "add_generation_prompt", "continue_final_message")

@@ -48,8 +48,11 @@ def _errors(*statuses: int) -> dict:
 ERROR_DESCRIPTIONS = {400: "Invalid request: `param` names the field", 401: "Missing or wrong API key",
                       404: "Unknown model or resource", 413: "Body larger than the server's bound",
                       503: "The engine is starting or has died"}
+# an event stream's schema describes each event (OpenAPI before 3.2)
+EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A chunk or an error object as JSON, or [DONE] at the end"}}}
 JSON_OR_EVENTS = {200: {"content": {"application/json": {"schema": {"type": "object"}},
-                                    "text/event-stream": {"schema": {"type": "string"}}},
+                                    "text/event-stream": {"schema": EVENT}},
                         "description": "One response, or server-sent events with `stream: true`"}}
 
 public = APIRouter()
