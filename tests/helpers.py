@@ -116,9 +116,9 @@ def build_tiny_model(architecture: str, directory, tokenizer_source=None, hidden
         tokenizer.save_pretrained(directory)
 
 
-def running_server(*args: str, log_path, timeout: float = 600):
-    """`thresher serve *args` on a free port of 127.0.0.1, as a context manager yielding its base URL once /health
-    answers 200; the process is stopped on exit."""
+def served(command: list[str], port: int, log_path, timeout: float = 600):
+    """A context manager that starts a server process (`command`, listening on 127.0.0.1:`port`), yields its base URL
+    once /health answers 200, and stops the process (and its children) on exit."""
     import contextlib
     import signal
     import time
@@ -127,16 +127,14 @@ def running_server(*args: str, log_path, timeout: float = 600):
 
     @contextlib.contextmanager
     def serve():
-        port = free_port()
         with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "thresher", "serve", "--port", str(port), *args],
-                                       stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                        start_new_session=True)
         base_url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                assert process.poll() is None, f"thresher serve exited early:\n{open(log_path).read()[-4000:]}"
+                assert process.poll() is None, f"{command[2]} exited early:\n{open(log_path).read()[-4000:]}"
                 try:
                     if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
                         break
@@ -144,7 +142,7 @@ def running_server(*args: str, log_path, timeout: float = 600):
                     pass
                 time.sleep(1)
             else:
-                raise AssertionError(f"the server was not healthy in {timeout} s:\n{open(log_path).read()[-4000:]}")
+                raise AssertionError(f"{command[2]} was not healthy in {timeout} s:\n{open(log_path).read()[-4000:]}")
             yield base_url
         finally:
             if process.poll() is None:
@@ -156,3 +154,9 @@ def running_server(*args: str, log_path, timeout: float = 600):
                     process.wait()
 
     return serve()
+
+
+def running_server(*args: str, log_path, timeout: float = 600):
+    """`thresher serve *args` on a free port of 127.0.0.1 (see `served`)."""
+    port = free_port()
+    return served([sys.executable, "-m", "thresher", "serve", "--port", str(port), *args], port, log_path, timeout)

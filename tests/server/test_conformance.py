@@ -5,16 +5,12 @@ deliberate and listed here."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, served
 from tests.server.conftest import API_KEY, MODEL
 
 STRICT_WEATHER = {"type": "function", "function": {
@@ -131,28 +127,8 @@ def vllm_server(embedded_model, tmp_path_factory):
                "--enforce-eager", "--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "16",
                "--kv-cache-memory-bytes", str(2**28), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"vLLM's server exited:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"vLLM's server was not up in 10 minutes:\n{log.read_text()[-4000:]}"
-            try:
-                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+    with served(command, port, log) as base_url:
         yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def test_responses_have_vllms_shapes(server, vllm_server):
