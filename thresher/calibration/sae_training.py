@@ -150,8 +150,10 @@ def train_topk_sae(residuals: Residuals, config: TrainingConfig, model_name: str
     data = residuals.vectors
     rows = torch.arange(len(data)) if rows is None else rows
     d_in = data.shape[1]
-    squares = sum(float(data[rows[start : start + 65536]].square().sum()) for start in range(0, len(rows), 65536))
-    scale = math.sqrt(squares / len(rows)) / math.sqrt(d_in)
+    # per-row sums in chunks, then one mean: the same numbers as over a copy of the kept rows
+    row_squares = torch.cat([data[rows[start : start + 65536]].square().sum(dim=1)
+                             for start in range(0, len(rows), 65536)])
+    scale = float(row_squares.mean().sqrt()) / math.sqrt(d_in)
     sae = SparseAutoencoder(d_in, config.expansion * d_in, config.k, residuals.layer, "topk", model_name).to(device)
     subsample = data[rows[torch.randperm(len(rows), generator=generator)[:8192]]].to(device) / scale
     with torch.no_grad():
