@@ -146,9 +146,9 @@ def test_prefix_cache_stays_on_and_never_serves_steered_kv_to_others(thresher_ll
     cached = steered(thresher_llm, [prompt], [None])[0]
     assert cached.num_cached_tokens > 0, "prefix caching is on"
     assert list(cached.outputs[0].token_ids) == list(baseline.outputs[0].token_ids)
-    steered = steered(thresher_llm, [prompt], [_spec(assets, vectors=[{"name": "positive", "strength": 3.0}])])[0]
-    assert steered.num_cached_tokens == 0, "steered prefill computes its own KV"
-    assert list(steered.outputs[0].token_ids) != list(baseline.outputs[0].token_ids)
+    positive = steered(thresher_llm, [prompt], [_spec(assets, vectors=[{"name": "positive", "strength": 3.0}])])[0]
+    assert positive.num_cached_tokens == 0, "steered prefill computes its own KV"
+    assert list(positive.outputs[0].token_ids) != list(baseline.outputs[0].token_ids)
     after = steered(thresher_llm, [prompt], [None])[0]
     assert list(after.outputs[0].token_ids) == list(baseline.outputs[0].token_ids)
 
