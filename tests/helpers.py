@@ -120,7 +120,6 @@ def served(command: list[str], port: int, log_path, timeout: float = 600):
     """A context manager that starts a server process (`command`, listening on 127.0.0.1:`port`), yields its base URL
     once /health answers 200, and stops the process (and its children) on exit."""
     import contextlib
-    import signal
     import time
 
     import httpx
@@ -145,15 +144,23 @@ def served(command: list[str], port: int, log_path, timeout: float = 600):
                 raise AssertionError(f"{command[2]} was not healthy in {timeout} s:\n{open(log_path).read()[-4000:]}")
             yield base_url
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop_process_group(process)
 
     return serve()
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started with `start_new_session=True` and every process it started: SIGINT (a graceful
+    shutdown), then SIGKILL after 30 s."""
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def running_server(*args: str, log_path, timeout: float = 600):

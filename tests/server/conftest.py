@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_process_group
 
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -75,10 +74,4 @@ def server(embedded_model, tmp_path_factory):
             pytest.fail(f"the server was not healthy within 10 minutes:\n{log.read_text()[-4000:]}")
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
