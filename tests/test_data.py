@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from thresher.data import DataError, default_texts, read_texts, token_windows
+from thresher.data import DataError, default_texts, load_texts, read_texts, token_windows
 
 
 def test_default_splits_are_disjoint_real_english():
@@ -17,6 +17,17 @@ def test_txt_paragraphs(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("First paragraph.\nstill first.\n\n\nSecond one.\n")
     assert read_texts(path) == ["First paragraph.\nstill first.", "Second one."]
+
+
+def test_a_users_file_is_split_like_the_embedded_text(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("\n\n".join(f"paragraph {i}" for i in range(8)))
+    calibration, evaluation = load_texts(path, "calibration"), load_texts(path, "evaluation")
+    assert evaluation == ["paragraph 3", "paragraph 7"]
+    assert sorted(calibration + evaluation) == sorted(read_texts(path))
+    path.write_text("one\n\ntwo\n\nthree")
+    with pytest.raises(DataError, match="3 text.*at least 4"):
+        load_texts(path, "calibration")
 
 
 def test_jsonl_text_and_chat_messages(tmp_path):

@@ -78,6 +78,7 @@ _SAMPLE_VALUES = 4096
 
 def model_identity(model_path: str | os.PathLike, name: str | None = None) -> ModelIdentity:
     """Identity of an HF model folder, read from config.json and a sample of the safetensors weights."""
+    import torch
     from safetensors import safe_open
 
     path = Path(model_path)
@@ -92,7 +93,7 @@ def model_identity(model_path: str | os.PathLike, name: str | None = None) -> Mo
             with safe_open(file, framework="pt") as f:
                 if tensor_name in f.keys():
                     sample = f.get_slice(tensor_name)[:8].reshape(-1)[:_SAMPLE_VALUES]
-                    digest.update(sample.float().numpy().tobytes())
+                    digest.update(sample.to("cpu", torch.float32).numpy().tobytes())  # vLLM builds models under a CUDA default device
                     break
     num_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim")

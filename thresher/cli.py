@@ -36,7 +36,8 @@ ModelOption = Annotated[
 ]
 DataOption = Annotated[
     Optional[Path],
-    typer.Option("--data", help=".txt (paragraphs) or .jsonl ('text' or chat 'messages'); default: embedded Wikipedia."),
+    typer.Option("--data", help=".txt (paragraphs) or .jsonl ('text' or chat 'messages'); every 4th text is held out "
+                 "for the quality report. Default: embedded Wikipedia."),
 ]
 DeviceOption = Annotated[
     str,

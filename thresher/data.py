@@ -1,7 +1,8 @@
 """Calibration and evaluation text: the embedded Wikipedia sample, or the user's own files.
 
-The default text is the ~100-article English Wikipedia sample that ships inside the gensim wheel. Articles are
-split deterministically: every fourth article is held out for evaluation and never used for calibration.
+The default text is the ~100-article English Wikipedia sample that ships inside the gensim wheel. Texts are split
+deterministically, the embedded articles and a user's file alike: every fourth text (article, paragraph or JSONL
+record) is held out for evaluation and never used for calibration.
 """
 
 from __future__ import annotations
@@ -48,14 +49,18 @@ def _wiki_articles() -> tuple[str, ...]:
         return tuple(a for a in articles if a)
 
 
-def default_texts(split: str) -> list[str]:
-    """The embedded Wikipedia articles of one split: 'calibration' or 'evaluation' (disjoint)."""
-    articles = _wiki_articles()
+def _split(texts: list[str] | tuple[str, ...], split: str) -> list[str]:
+    """One of two disjoint splits: 'calibration' or 'evaluation' (every fourth text)."""
     if split == "calibration":
-        return [a for i, a in enumerate(articles) if i % _HELD_OUT_EVERY != _HELD_OUT_EVERY - 1]
+        return [t for i, t in enumerate(texts) if i % _HELD_OUT_EVERY != _HELD_OUT_EVERY - 1]
     if split == "evaluation":
-        return [a for i, a in enumerate(articles) if i % _HELD_OUT_EVERY == _HELD_OUT_EVERY - 1]
+        return [t for i, t in enumerate(texts) if i % _HELD_OUT_EVERY == _HELD_OUT_EVERY - 1]
     raise ValueError(f"unknown split {split!r}; expected 'calibration' or 'evaluation'")
+
+
+def default_texts(split: str) -> list[str]:
+    """The embedded Wikipedia articles of one split."""
+    return _split(_wiki_articles(), split)
 
 
 def _jsonl_record_text(record: object, where: str) -> str:
@@ -93,8 +98,14 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def load_texts(path: str | Path | None, split: str) -> list[str]:
-    """The user's texts when a path is given, else the embedded split."""
-    return read_texts(path) if path else default_texts(split)
+    """One split of the user's texts when a path is given, else of the embedded articles."""
+    if not path:
+        return default_texts(split)
+    texts = read_texts(path)
+    if len(texts) < _HELD_OUT_EVERY:
+        raise DataError(f"data file {path} holds {len(texts)} text(s); at least {_HELD_OUT_EVERY} are needed, since "
+                        f"every {_HELD_OUT_EVERY}th is held out for evaluation")
+    return _split(texts, split)
 
 
 def token_windows(texts: list[str], tokenizer, window: int, max_tokens: int, offset: int = 0) -> Iterator[list[int]]:

@@ -33,6 +33,20 @@ def test_calibrate_prints_a_plan_and_records_its_stages(tiny_llama, tmp_path):
     assert not (tmp_path / "a" / STATISTICS_CHECKPOINT).exists()
 
 
+def test_a_users_text_file_calibrates_and_reports_on_its_held_out_part(tiny_llama, tmp_path):
+    from thresher.data import default_texts
+
+    data = tmp_path / "notes.txt"
+    data.write_text("\n\n".join(default_texts("calibration")[:24]))
+    out = tmp_path / "c"
+    result = run_thresher("calibrate", "--model", str(tiny_llama), "--out", str(out), "--data", str(data),
+                          *ARGS, "--eval-tokens", "512")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == str(data) and report["tokens"] == 512
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["data"] == str(data)
+
+
 def test_an_interrupted_calibration_resumes_after_its_statistics_pass(tiny_llama, tmp_path):
     out = tmp_path / "b"
     out.mkdir()

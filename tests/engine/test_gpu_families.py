@@ -3,8 +3,9 @@ fused op's output) and Qwen3 (q/k normed per head, head_dim twice hidden / heads
 model with random biases and norm weights, so that a fused path that dropped one would show.
 
 At level 0 the fused layer computes the stock function through thresher's kernels (fp32 accumulation, another
-summation order), so it is compared with stock vLLM by its next-token distributions, not bit for bit; a level whose
-thresholds zero every activation must change them. Engines run eager: the fused forward is the same code compiled or
+summation order), so it is not bit for bit stock bf16 vLLM: it must be as close to the same model run by stock vLLM in
+float32 as stock bf16 vLLM is (first run on an H100: fused and stock bf16 log-probabilities differed by up to 0.18 on
+these random models, whose logits are large); a level whose thresholds zero every activation must change them. Engines run eager: the fused forward is the same code compiled or
 not, and CUDA graphs are covered by `test_gpu_engine.py`.
 """
 
@@ -23,11 +24,24 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
 
 
-def _engine(model, **kwargs):
+def _engine(model, dtype="bfloat16", **kwargs):
     from vllm import LLM
 
-    return LLM(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+    return LLM(model=str(model), skip_tokenizer_init=True, dtype=dtype, max_model_len=256, max_num_seqs=4,
                gpu_memory_utilization=0.3, enforce_eager=True, seed=0, **kwargs)
+
+
+def _stock_rows(model, dtype) -> dict[int, list[dict[int, float]]]:
+    stock = _engine(model, dtype)
+    try:
+        return {batch: _first_step(stock, batch=batch) for batch in (1, 4)}
+    finally:
+        stock.llm_engine.engine_core.shutdown()
+
+
+def _distance(rows, reference) -> float:
+    """The largest log-probability difference over the tokens both top-8s hold."""
+    return max(abs(row[t] - reference[t]) for t in row.keys() & reference.keys())
 
 
 def _first_step(llm, level=None, batch=1) -> list[dict[int, float]]:
@@ -55,30 +69,25 @@ def family(request, tmp_path_factory):
         table[1] = 1e9
     artifact = tmp_path_factory.mktemp("artifact")
     Artifact(identity, [0.0, 0.99], "synthetic", thresholds).save(artifact)
-    stock = _engine(model)
-    try:
-        stock_rows = {batch: _first_step(stock, batch=batch) for batch in (1, 4)}
-    finally:
-        stock.llm_engine.engine_core.shutdown()
+    stock_rows, exact_rows = _stock_rows(model, "bfloat16"), _stock_rows(model, "float32")
     llm = _engine(model, hf_overrides=engine_overrides(model, artifact),
                   worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
-    yield llm, stock_rows
+    yield llm, stock_rows, exact_rows
     llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_fused_level_zero_matches_stock_vllm(family, batch):
     # batch 1 decodes through the Triton kernels, batch 4 through the row kernel and cuBLAS
-    llm, stock_rows = family
+    llm, stock_rows, exact_rows = family
     assert llm.collective_rpc("thresher_fused_layers")[0] == 4
-    for fused, stock in zip(_first_step(llm, 0.0, batch), stock_rows[batch]):
-        assert max(fused, key=fused.get) == max(stock, key=stock.get)
-        common = fused.keys() & stock.keys()
-        assert len(common) >= 6
-        assert max(abs(fused[t] - stock[t]) for t in common) < 0.05
+    for fused, stock, exact in zip(_first_step(llm, 0.0, batch), stock_rows[batch], exact_rows[batch]):
+        assert max(fused, key=fused.get) == max(exact, key=exact.get)
+        assert len(fused.keys() & exact.keys()) >= 6
+        assert _distance(fused, exact) <= 2 * _distance(stock, exact) + 0.02
 
 
 def test_a_level_that_zeroes_every_activation_changes_the_distribution(family):
-    llm, stock_rows = family
+    llm, stock_rows, _exact_rows = family
     zeroed = _first_step(llm, 0.99)
     assert all(z.keys() != s.keys() for z, s in zip(zeroed, stock_rows[1]))

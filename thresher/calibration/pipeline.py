@@ -122,6 +122,8 @@ def calibrate(
              " in fp32 (no bf16 matmul units here: the model's passes take several times longer than with them)")
     started = time.monotonic()
     texts = data.load_texts(data_path, "calibration")
+    if eval_tokens > 0:  # a file too short for its report is refused now, not after the whole calibration
+        _windows(data.load_texts(data_path, "evaluation"), tokenizer, eval_tokens, "evaluation")
     windows = _windows(texts, tokenizer, max_tokens, "calibration")
     refine = RefineConfig() if refine is None else refine
     refine_tokens = refine.tokens if method == "channel-greedy" else 0
@@ -176,7 +178,8 @@ def calibrate(
     if eval_tokens <= 0:
         return {}
     with stage("report"):
-        return evaluate_artifacts([out], eval_tokens=eval_tokens, hf_model=hf_model, tokenizer=tokenizer)
+        return evaluate_artifacts([out], data_path=data_path, eval_tokens=eval_tokens, hf_model=hf_model,
+                                  tokenizer=tokenizer)
 
 
 def evaluate_artifacts(
