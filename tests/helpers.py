@@ -49,13 +49,20 @@ def mean_activation_by_strength(model, assets, prompt_ids: list[int], generated:
             for strength in strengths]
 
 
-def reference_steered_generation(model, direction, layer: int, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy transformers generation with `direction` added to the output of decoder layer `layer` at every token."""
+def reference_steered_generation(model, direction, layer: int, prompt_ids: list[int], max_new_tokens: int,
+                                 clamps=None) -> list[int]:
+    """Greedy transformers generation with `direction` added to the output of decoder layer `layer` at every token,
+    then `clamps` (`SteeringAssets.clamp_rows`) applied."""
     import torch
+
+    from thresher.steering import clamp_delta
 
     def add(_module, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         steered = hidden + direction.to(hidden.dtype)
+        if clamps is not None:
+            stream = steered.float().reshape(-1, steered.shape[-1])
+            steered = steered + clamp_delta(stream, clamps).reshape(steered.shape).to(steered.dtype)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     handle = model.model.layers[layer].register_forward_hook(add)

@@ -1,14 +1,23 @@
 """Steering specs and the artifact's steering assets: SAE decoder rows, named vectors and the feature catalog.
 
-A spec is a sparse sum of directions added to the residual stream after one decoder layer, for every token of a
-request:
+A spec changes the residual stream after one decoder layer, for every token of a request:
 
-    {"layer": 15, "features": [{"id": 1234, "strength": 6.0}], "vectors": [{"name": "formal", "strength": 2.0}]}
+    {"layer": 15, "features": [{"id": 1234, "strength": 6.0}, {"id": 1808, "clamp": 0.0}],
+     "vectors": [{"name": "formal", "strength": 2.0}]}
 
-A feature's strength is in units of that feature's mean activation when it fires (strength 1 adds its decoder row
-scaled as if the feature fired at its typical level); a vector's strength multiplies the stored contrastive vector
-(`suggested_strength` in `/v1/steering/vectors` is a sensible push). The server validates specs here and turns a
-`SteeringError` into a 400; the engine computes the same direction from the same assets.
+Adding: a feature's strength is in units of that feature's mean activation when it fires (strength 1 adds its
+decoder row scaled as if the feature fired at its typical level); a vector's strength multiplies the stored
+contrastive vector (`suggested_strength` in `/v1/steering/vectors` is a sensible push). The added directions sum into
+one vector per spec.
+
+Clamping: `clamp` sets a feature's activation, as the SAE's encoder reads it after the added directions, to the value
+(0 removes the concept). Each token's pre-activation `p` moves to the value along the feature's decoder row, scaled by
+1 / (encoder row . decoder row) so that the encoder reads the value exactly rather than a value skewed by how far the
+two rows disagree; a feature that is off (`p <= 0`) stays untouched by a clamp to 0. The gate is the feature's own
+ReLU: a TopK SAE's competition between features is not part of what a clamp sets.
+
+The server validates specs here and turns a `SteeringError` into a 400; the engine computes the same direction and
+clamp rows from the same assets.
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ import math
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from thresher.artifact import FEATURES, SAE_DIR, STEERING_ENTRIES, VECTORS_DIR
 from thresher.sae import SparseAutoencoder, load_sae
@@ -30,6 +40,10 @@ VECTORS_TENSORS = "vectors/vectors.safetensors"
 VECTORS_META = "vectors/vectors.json"
 MAX_ENTRIES = 16
 MAX_STRENGTH = 100.0
+MAX_CLAMPS = 4  # clamped features per spec: the engine keeps this many clamp rows per steering slot
+MAX_CLAMP = 1000.0
+# a feature whose encoder and decoder rows are this close to orthogonal cannot be moved to a value along its decoder
+MIN_CLAMP_ALIGNMENT = 0.05
 
 
 class SteeringError(ValueError):
@@ -41,9 +55,27 @@ class SteeringError(ValueError):
 
 
 class FeatureTerm(BaseModel):
+    """One SAE feature, added (`strength`) or clamped (`clamp`): exactly one of the two."""
+
     model_config = ConfigDict(extra="forbid")
     id: int = Field(description="SAE feature (latent) index at the steering layer.")
-    strength: float = Field(description="Multiple of the feature's mean activation when it fires.")
+    strength: float | None = Field(default=None, description="Add the feature: a multiple of its mean activation "
+                                   "when it fires.")
+    clamp: float | None = Field(default=None, description=f"Clamp the feature: set its activation to this value "
+                                f"(0 removes it; 0..{MAX_CLAMP:g}, in the units of the catalog's mean_activation).")
+
+    @model_validator(mode="after")
+    def _adds_or_clamps(self):
+        for name in ("strength", "clamp"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"'{name}' must be a number")
+        if (self.strength is None) == (self.clamp is None):
+            raise ValueError("give exactly one of 'strength' (add the feature) or 'clamp' (set its activation)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_the_other_mode(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class VectorTerm(BaseModel):
@@ -150,6 +182,7 @@ class SteeringAssets:
         if len(spec.features) + len(spec.vectors) > MAX_ENTRIES:
             raise SteeringError(f"steering has {len(spec.features) + len(spec.vectors)} entries; at most "
                                 f"{MAX_ENTRIES} are allowed")
+        clamped: set[int] = set()
         for i, term in enumerate(spec.features):
             where = f"steering.features.{i}"
             if self.sae is None:
@@ -157,7 +190,22 @@ class SteeringAssets:
             if not 0 <= term.id < self.sae.d_sae:
                 raise SteeringError(f"{where}.id: feature {term.id} does not exist; ids run 0..{self.sae.d_sae - 1}",
                                     param=f"{where}.id")
-            self._check_strength(term.strength, f"{where}.strength")
+            if term.strength is not None:
+                self._check_strength(term.strength, f"{where}.strength")
+                continue
+            if not (math.isfinite(term.clamp) and 0.0 <= term.clamp <= MAX_CLAMP):
+                raise SteeringError(f"{where}.clamp: a clamp must lie within 0..{MAX_CLAMP:g}, got {term.clamp}",
+                                    param=f"{where}.clamp")
+            if term.id in clamped:
+                raise SteeringError(f"{where}.id: feature {term.id} is clamped twice", param=f"{where}.id")
+            if len(clamped) == MAX_CLAMPS:
+                raise SteeringError(f"{where}.clamp: at most {MAX_CLAMPS} features can be clamped per request",
+                                    param=f"{where}.clamp")
+            if self._clamp_alignment[term.id] < MIN_CLAMP_ALIGNMENT:
+                raise SteeringError(f"{where}.clamp: feature {term.id} cannot be clamped (its encoder and decoder "
+                                    "rows are nearly orthogonal); add it with a strength instead",
+                                    param=f"{where}.clamp")
+            clamped.add(term.id)
         for i, term in enumerate(spec.vectors):
             where = f"steering.vectors.{i}"
             if term.name not in self.vector_info:
@@ -180,10 +228,48 @@ class SteeringAssets:
         """The float32 vector `[hidden]` the spec adds to each of its tokens' residuals."""
         total = torch.zeros(self.hidden_size, device="cpu")
         for term in spec.features:
-            total += term.strength * self.feature_scale(term.id) * self.sae.W_dec[term.id].detach()
+            if term.strength is not None:
+                total += term.strength * self.feature_scale(term.id) * self.sae.W_dec[term.id].detach()
         for term in spec.vectors:
             total += term.strength * self.vectors[term.name].float()
         return total
+
+    @cached_property
+    def _clamp_alignment(self) -> torch.Tensor:
+        """Per feature, its encoder row . its decoder row."""
+        return (self.sae.W_enc.detach().t() * self.sae.W_dec.detach()).sum(dim=1)
+
+    def clamp_rows(self, spec: SteeringSpec) -> "ClampRows":
+        """The float32 rows that clamp the spec's clamped features (none: empty rows)."""
+        terms = [term for term in spec.features if term.clamp is not None]
+        ids = torch.tensor([term.id for term in terms], dtype=torch.long)
+        encoder = self.sae.W_enc.detach()[:, ids].t() if terms else torch.zeros(0, self.hidden_size)
+        bias = (self.sae.b_enc.detach()[ids] - self.sae.b_dec.detach() @ self.sae.W_enc.detach()[:, ids]
+                if terms else torch.zeros(0))
+        decoder = (self.sae.W_dec.detach()[ids] / self._clamp_alignment[ids, None] if terms
+                   else torch.zeros(0, self.hidden_size))
+        values = torch.tensor([term.clamp for term in terms], dtype=torch.float32)
+        return ClampRows(encoder, bias, decoder, values)
+
+
+class ClampRows(NamedTuple):
+    """Clamps as rows: pre-activation `x @ encoder.T + bias`; moving it by `d` adds `d * decoder` to `x`."""
+
+    encoder: torch.Tensor  # [n, hidden]
+    bias: torch.Tensor  # [n]
+    decoder: torch.Tensor  # [n, hidden], each row divided by its alignment
+    values: torch.Tensor  # [n]
+
+
+def clamp_delta(stream: torch.Tensor, rows: ClampRows, owned: torch.Tensor | None = None) -> torch.Tensor:
+    """What clamping adds to float32 residuals `stream` `[tokens, hidden]`; `owned` `[tokens, n]` says which rows
+    apply to which token (default: all)."""
+    pre = stream @ rows.encoder.t() + rows.bias
+    current = torch.where(rows.values > 0, pre, pre.clamp_min(0.0))
+    move = rows.values - current
+    if owned is not None:
+        move = move * owned
+    return move @ rows.decoder
 
 
 def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | None, catalog: list[dict],

@@ -129,15 +129,47 @@ def test_steering_a_feature_raises_it_on_the_generated_text(thresher_llm, assets
 
 
 def test_engine_steering_matches_the_transformers_reference(thresher_llm, assets, hf_model):
-    """Same direction, same layer, every token (prompt included): the same greedy tokens as transformers."""
+    """Same direction and clamps, same layer, every token (prompt included): the same greedy tokens as
+    transformers."""
     model, tokenizer = hf_model
     prompt = PROMPTS[1]
-    for raw in ({"vectors": [{"name": "formal", "strength": 1.5}]}, {"features": [{"id": 11, "strength": 4.0}]}):
+    clamped = densest_features(assets)[0]
+    for raw in ({"vectors": [{"name": "formal", "strength": 1.5}]}, {"features": [{"id": 11, "strength": 4.0}]},
+                {"features": [{"id": clamped, "clamp": 40.0}, {"id": 11, "strength": 4.0}]}):
         spec = _spec(assets, **raw)
         engine = tokens(steered(thresher_llm, [prompt], [spec]))[0]
         reference = reference_steered_generation(model, assets.direction(spec), assets.layer,
-                                                 tokenizer(prompt)["input_ids"], MAX_TOKENS)
+                                                 tokenizer(prompt)["input_ids"], MAX_TOKENS,
+                                                 clamps=assets.clamp_rows(spec))
         assert engine == reference, raw
+    assert engine != tokens(steered(thresher_llm, [prompt], [_spec(assets, features=raw["features"][1:])]))[0]
+
+
+def test_clamping_sets_what_the_sae_reads_at_the_steering_layer(thresher_llm, assets):
+    """Measured inside the engine (its clamp meter): a feature that fires on the prompt reads 0 after `clamp: 0`,
+    and the clamp value after `clamp: v`."""
+    prompt = "The river flows to the sea, and the river is wide."
+    feature = densest_features(assets)[0]
+    thresher_llm.collective_rpc("thresher_clamp_readings")
+    for value in (0.0, 12.0):
+        steered(thresher_llm, [prompt], [_spec(assets, features=[{"id": feature, "clamp": value}])])
+        readings = thresher_llm.collective_rpc("thresher_clamp_readings")[0]
+        assert readings["largest_activation_before"] > 1.0, readings  # it fired on these tokens
+        assert readings["largest_error_after"] < 0.01 * max(value, 1.0), readings
+
+
+def test_clamps_and_adds_mix_in_a_batch_without_leaking(thresher_llm, assets):
+    """A fixed batch of unsteered, clamped and added requests: each gets its solo tokens; the unsteered ones get
+    what the same batch shape with unsteered neighbours gives them."""
+    feature = densest_features(assets)[1]
+    specs = [None, _spec(assets, features=[{"id": feature, "clamp": 40.0}]), None,
+             _spec(assets, features=[{"id": feature, "strength": 6.0}, {"id": 11, "clamp": 0.0}])]
+    mixed = tokens(steered(thresher_llm, PROMPTS, specs))
+    plain = tokens(steered(thresher_llm, PROMPTS, [None] * len(PROMPTS)))
+    assert mixed[0] == plain[0] and mixed[2] == plain[2]
+    assert mixed[1] != plain[1] and mixed[3] != plain[3]
+    for i in (1, 3):
+        assert mixed[i] == tokens(steered(thresher_llm, [PROMPTS[i]], [specs[i]]))[0], i
 
 
 def test_prefix_cache_stays_on_and_never_serves_steered_kv_to_others(thresher_llm, assets):

@@ -38,11 +38,36 @@ class DecodeSparsityMeter(torch.nn.Module):
         return value
 
 
+class ClampMeter(torch.nn.Module):
+    """What the SAE's encoder reads of clamped features at the steering layer, before and after their clamps: the
+    largest activation before, and the largest distance from the clamp value after (THRESHER_MEASURE_SPARSITY=1)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.enabled = os.environ.get("THRESHER_MEASURE_SPARSITY") == "1"
+        self.register_buffer("largest", torch.zeros(2, device=device), persistent=False)
+
+    def add(self, before: torch.Tensor, after: torch.Tensor, clamps, owned: torch.Tensor) -> None:
+        """`before`/`after`: float32 streams `[tokens, hidden]`; `owned` `[tokens, rows]`: which rows are clamped."""
+        activation_before = (before @ clamps.encoder.t() + clamps.bias).clamp_min(0.0) * owned
+        error_after = ((after @ clamps.encoder.t() + clamps.bias).clamp_min(0.0) - clamps.values).abs() * owned
+        per_token = torch.stack([activation_before.amax(dim=1), error_after.amax(dim=1)], dim=1)  # [tokens, 2]
+        # index_reduce over tokens, not a reduction over the dynamic token dimension (see DecodeSparsityMeter)
+        self.largest.view(1, 2).index_reduce_(0, torch.zeros(per_token.shape[0], dtype=torch.long,
+                                                             device=per_token.device), per_token, "amax")
+
+    def read_and_reset(self) -> dict[str, float]:
+        before, after = self.largest.tolist()
+        self.largest.zero_()
+        return {"largest_activation_before": before, "largest_error_after": after}
+
+
 class ThresherWorkerExtension:
     """vLLM worker extension (`worker_extension_cls`), called through `llm.collective_rpc(name, args=...)`.
 
     - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
     - `thresher_fused_layers()`: how many decoder layers run the fused ops.
+    - `thresher_clamp_readings()`: what the SAE reads of clamped features, before and after their clamps.
     - `thresher_record_decode_inputs(on)` and `thresher_decode_input_samples()`: samples of |x| of every projection
       input in decode steps, for models that only exist in the engine (`load_format="dummy"` speed benchmarks fit
       their thresholds on them with calibration's own fit). Needs `enforce_eager=True`: hooks do not run inside
@@ -55,6 +80,13 @@ class ThresherWorkerExtension:
 
     def thresher_decode_sparsity(self) -> float:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
+
+    def thresher_clamp_readings(self) -> dict[str, float]:
+        """Since the last call, clamped features at the steering layer: the largest activation before their clamps
+        and the largest distance from the clamp value after (THRESHER_MEASURE_SPARSITY=1 at engine start)."""
+        model = self.model_runner.get_model()
+        layer = next(layer for layer in model.model.layers if hasattr(layer, "thresher_clamp_meter"))
+        return layer.thresher_clamp_meter.read_and_reset()
 
     def thresher_record_decode_inputs(self, on: bool, max_decode_rows: int = 64, samples_per_call: int = 4096) -> None:
         model = self.model_runner.get_model()

@@ -1,10 +1,12 @@
 """Per-request steering inside a continuous batch.
 
 Each distinct steering spec in the running batch owns a slot: a row of a direction table `[slots, hidden]` whose
-row 0 is zeros (unsteered). Before each forward, the runner hook writes every scheduled token's slot into a
-per-token buffer, and the steered decoder layer adds `table[slot]` to its residual output. Both tensors are fixed
-buffers updated in place, so compiled graphs and CUDA graphs read fresh values each step; an unsteered token adds
-exact zeros, so its numbers are those of an unsteered run.
+row 0 is zeros (unsteered), and, where the artifact has an SAE, `MAX_CLAMPS` rows of clamp tables (encoder row,
+bias, decoder row, value; unused rows are zeros). Before each forward, the runner hook writes every scheduled token's
+slot into a per-token buffer, and the steered decoder layer adds `table[slot]` to its residual output, then each
+token's clamps: every clamp row is read against every token (one small matmul), and a token keeps the rows its slot
+owns. All tensors are fixed buffers updated in place, so compiled graphs and CUDA graphs read fresh values each step;
+an unsteered token adds exact zeros, so its numbers are those of an unsteered run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 
 from thresher.engine.extras import STEERING_EXTRA_ARG
-from thresher.steering import SteeringAssets, SteeringError
+from thresher.engine.measurement import ClampMeter
+from thresher.steering import MAX_CLAMPS, ClampRows, SteeringAssets, SteeringError, clamp_delta
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,13 @@ class TokenSteering:
                  device: torch.device):
         self.assets = assets
         self.table = torch.zeros(max_specs + 1, assets.hidden_size, dtype=dtype, device=device)
+        # float32: a clamp must move the encoder's reading to its value, not to within bf16 rounding of it
+        rows = (max_specs + 1) * MAX_CLAMPS if assets.sae is not None else 0
+        self.clamps = ClampRows(torch.zeros(rows, assets.hidden_size, device=device),
+                                torch.zeros(rows, device=device),
+                                torch.zeros(rows, assets.hidden_size, device=device),
+                                torch.zeros(rows, device=device))
+        self.clamp_slot = torch.arange(rows, device=device) // MAX_CLAMPS
         self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self._host_slots = np.zeros(max_tokens, dtype=np.int64)
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # spec key -> slot, least recently used first
@@ -48,6 +58,7 @@ class TokenSteering:
         try:
             spec = self.assets.parse(json.loads(key))
             direction = self.assets.direction(spec)
+            clamps = self.assets.clamp_rows(spec) if self.assets.sae is not None else None
         except SteeringError as error:
             # The server validates specs before they reach the engine; a stray one must not kill the worker.
             log.error("%s; running the request unsteered", error)
@@ -57,6 +68,10 @@ class TokenSteering:
             self._free.append(self._slot_of.pop(evictable))
         slot = self._free.pop()
         self.table[slot].copy_(direction.to(self.table.dtype), non_blocking=True)
+        if clamps is not None:
+            for table, rows in zip(self.clamps, clamps):
+                table[slot * MAX_CLAMPS : (slot + 1) * MAX_CLAMPS].zero_()
+                table[slot * MAX_CLAMPS : slot * MAX_CLAMPS + len(rows)].copy_(rows, non_blocking=True)
         self._slot_of[key] = slot
         return slot
 
@@ -79,8 +94,8 @@ class TokenSteering:
 
 
 class SteeredLayer:
-    """Mixed into a decoder layer's class (every supported family's returns `(hidden_states, residual)`): its forward, then each token's direction added to the residual
-    stream.
+    """Mixed into a decoder layer's class (every supported family's returns `(hidden_states, residual)`): its
+    forward, then each token's direction added to the residual stream, then its clamps.
 
     vLLM defers the residual add to the next layer's norm, so the stream after this layer is
     `hidden_states + residual`; adding to `residual` adds to the stream. Installed by swapping the class of the
@@ -90,7 +105,17 @@ class SteeredLayer:
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
         slots = self.thresher_steering_slots[: residual.shape[0]]
-        return hidden_states, residual + self.thresher_steering_table[slots]
+        residual = residual + self.thresher_steering_table[slots]
+        if not self.thresher_clamps_rows:
+            return hidden_states, residual
+        clamps = ClampRows(self.thresher_clamp_encoder, self.thresher_clamp_bias, self.thresher_clamp_decoder,
+                           self.thresher_clamp_values)
+        owned = (self.thresher_clamp_slot[None, :] == slots[:, None]).float()
+        stream = (hidden_states + residual).float()
+        residual = residual + clamp_delta(stream, clamps, owned).to(residual.dtype)
+        if self.thresher_clamp_meter.enabled:
+            self.thresher_clamp_meter.add(stream, (hidden_states + residual).float(), clamps, owned)
+        return hidden_states, residual
 
 
 @functools.cache
@@ -103,3 +128,8 @@ def install_steering(layer: torch.nn.Module, steering: TokenSteering) -> None:
     # the state's own tensors, updated in place by the runner hook
     layer.register_buffer("thresher_steering_table", steering.table, persistent=False)
     layer.register_buffer("thresher_steering_slots", steering.slots, persistent=False)
+    layer.thresher_clamps_rows = len(steering.clamp_slot) > 0
+    for name, table in zip(ClampRows._fields, steering.clamps):
+        layer.register_buffer(f"thresher_clamp_{name}", table, persistent=False)
+    layer.register_buffer("thresher_clamp_slot", steering.clamp_slot, persistent=False)
+    layer.thresher_clamp_meter = ClampMeter(steering.table.device)

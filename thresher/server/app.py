@@ -13,7 +13,7 @@ from thresher.server.limits import BodyLimit
 from thresher.server.metrics import ServerMetrics
 from thresher.server.routes import authorized, public, v1
 from thresher.server.serving import ServeSettings, ServingEngine
-from thresher.steering import MAX_ENTRIES, MAX_STRENGTH
+from thresher.steering import MAX_CLAMP, MAX_ENTRIES, MAX_STRENGTH
 
 
 @asynccontextmanager
@@ -75,7 +75,10 @@ def _served_limits(schemas: dict, serving: ServingEngine) -> None:
     spec["vectors"]["maxItems"] = MAX_ENTRIES
     feature = schemas["FeatureTerm"]["properties"]
     feature["id"].update(minimum=0, maximum=assets.sae.d_sae - 1 if assets.sae is not None else 0)
-    feature["strength"].update(strength)
+    feature["strength"] = {**strength, "description": feature["strength"]["description"]}
+    feature["clamp"] = {"type": "number", "minimum": 0, "maximum": MAX_CLAMP,
+                        "description": feature["clamp"]["description"]}
+    schemas["FeatureTerm"]["oneOf"] = [{"required": ["strength"]}, {"required": ["clamp"]}]
     vector = schemas["VectorTerm"]["properties"]
     vector["name"]["enum"] = sorted(assets.vector_info)
     vector["strength"].update(strength)

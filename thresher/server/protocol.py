@@ -15,7 +15,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
                       model_validator)
 
 from thresher import steering
-from thresher.steering import MAX_ENTRIES, MAX_STRENGTH
+from thresher.steering import MAX_CLAMPS, MAX_ENTRIES, MAX_STRENGTH
 
 SPARSITY_DESCRIPTION = ("thresher: fraction of projection weights to skip for this request's decode steps; one of "
                         "the artifact's calibrated levels (GET /v1/models lists them). Default: the server's "
@@ -23,7 +23,9 @@ SPARSITY_DESCRIPTION = ("thresher: fraction of projection weights to skip for th
 STEERING_DESCRIPTION = ("thresher: directions added to the residual stream after one decoder layer for every "
                         "token of this request: SAE features (GET /v1/steering/features) and named vectors "
                         f"(GET /v1/steering/vectors), each with a strength: at most {MAX_ENTRIES} entries, "
-                        f"strengths finite and within ±{MAX_STRENGTH:g}.")
+                        f"strengths finite and within ±{MAX_STRENGTH:g}. A feature may be clamped instead "
+                        f"(`clamp`: its activation set to the value, 0 removes it): at most {MAX_CLAMPS} per "
+                        "request, each feature once.")
 
 
 def _integral(value):
