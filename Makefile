@@ -10,7 +10,8 @@ UV := $(BIN)/uv pip
 PIP_INSTALL = $(UV) install -q --python $(BIN)/python
 PIP_UNINSTALL = $(UV) uninstall -q --python $(BIN)/python
 
-.PHONY: install serve calibrate test
+.PHONY: install serve calibrate test browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +32,9 @@ serve: install
 calibrate: install
 	$(BIN)/thresher calibrate --out artifacts/default
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# The page tests drive Debian's chromium (Playwright's own browser downloads need more than a package registry).
+browser:
+	command -v chromium > /dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -136,8 +137,10 @@ class SteeringAssets:
 
     @cached_property
     def catalog(self) -> list[dict]:
+        """The catalog's entries, each labelled by its distinctive tokens (`distinctive_labels`)."""
         path = self.directory / FEATURES
-        return json.loads(path.read_text())["features"] if path.is_file() else []
+        entries = json.loads(path.read_text())["features"] if path.is_file() else []
+        return distinctive_labels(entries)
 
     @cached_property
     def _catalog_by_id(self) -> dict[int, dict]:
@@ -147,18 +150,22 @@ class SteeringAssets:
         return self._catalog_by_id.get(feature_id)
 
     def search_features(self, query: str = "", limit: int = 20, offset: int = 0) -> list[dict]:
-        """Catalog entries whose label, top tokens or contexts contain `query` (case-insensitive), densest first."""
+        """Catalog entries whose label, top tokens or contexts contain `query` (case-insensitive): those whose label
+        holds it first, then those with it among their top tokens, then in their contexts; densest first within
+        each."""
         needle = query.lower()
 
-        def matches(entry: dict) -> bool:
+        def rank(entry: dict) -> int:
             if needle in entry["label"].lower():
-                return True
-            return any(needle in t["token"].lower() for t in entry["top_tokens"]) or any(
-                needle in c["text"].lower() for c in entry["top_contexts"])
+                return 0
+            if any(needle in t["token"].lower() for t in entry["top_tokens"]):
+                return 1
+            return 2 if any(needle in c["text"].lower() for c in entry["top_contexts"]) else 3
 
-        hits = [e for e in self.catalog if matches(e)] if needle else list(self.catalog)
-        hits.sort(key=lambda e: -e["density"])
-        return hits[offset : offset + limit]
+        ranked = ((rank(e), -e["density"], e["id"], e) for e in self.catalog)
+        hits = sorted(r for r in ranked if r[0] < 3) if needle else sorted((0, -e["density"], e["id"], e)
+                                                                        for e in self.catalog)
+        return [hit[-1] for hit in hits[offset : offset + limit]]
 
     def parse(self, raw: object) -> SteeringSpec:
         """A validated spec from request JSON; every problem is a SteeringError naming the field."""
@@ -270,6 +277,28 @@ def clamp_delta(stream: torch.Tensor, rows: ClampRows, owned: torch.Tensor | Non
     if owned is not None:
         move = move * owned
     return move @ rows.decoder
+
+
+LABEL_TOKENS = 3
+
+
+def distinctive_labels(entries: list[dict]) -> list[dict]:
+    """Each entry with a `label` of its most distinctive top tokens: a token's share of the feature's activation,
+    weighted by how rare the token is among all features' top tokens (inverse document frequency over the catalog),
+    so that tokens every feature fires near ("the", "of", ",") give way to what this one is about. The raw
+    `top_tokens` stay as they are, ordered by activation."""
+    listed_by = Counter(token["token"].strip().lower() for entry in entries for token in entry["top_tokens"])
+    labelled = []
+    for entry in entries:
+        scores: dict[str, float] = {}
+        for token in entry["top_tokens"]:
+            word = token["token"].strip()
+            if word:
+                rarity = math.log(len(entries) / listed_by[word.lower()])
+                scores[word] = max(scores.get(word, 0.0), token["activation_sum"] * rarity)
+        best = sorted(scores, key=lambda word: -scores[word])[:LABEL_TOKENS]
+        labelled.append({**entry, "label": " / ".join(best) or entry.get("label", "")})
+    return labelled
 
 
 def save_steering_assets(directory: str | os.PathLike, sae: SparseAutoencoder | None, catalog: list[dict],

@@ -1,8 +1,8 @@
 """The feature catalog: what each live SAE latent responds to, from its activations over the calibration text.
 
 Per live feature: activation density, mean activation when active (the unit of a steering strength), the tokens
-that carry most of its activation, a few short contexts around its strongest activations, and a label made from
-the top tokens.
+that carry most of its activation, and a few short contexts around its strongest activations. Labels are made when
+the catalog is read (`steering.distinctive_labels`), from the top tokens of the whole catalog.
 """
 
 from __future__ import annotations
@@ -83,10 +83,8 @@ def build_feature_catalog(sae: SparseAutoencoder, residuals: Residuals, tokenize
                   for t, v in top_tokens.get(feature, [])]
         contexts = [{"text": _context(tokenizer, residuals, int(p)), "activation": round(float(v), 2)}
                     for v, p in zip(best_values[feature], best_positions[feature]) if v > 0]
-        label_words = list(dict.fromkeys(t["token"].strip() or t["token"] for t in tokens[:3]))
         catalog.append({
             "id": feature,
-            "label": " / ".join(label_words),
             "density": round(float(fired[feature]) / total, 6),
             "mean_activation": round(float(summed[feature] / fired[feature]), 4),
             "top_tokens": tokens,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from importlib.resources import files
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from thresher.server.engine_request import EngineRequest, prepare_chat, prepare_completion
 from thresher.server.errors import APIError, bad_request
@@ -70,6 +71,15 @@ async def health(serving: Serving) -> Response:
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus(metrics: Metrics) -> Response:
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# a static page: it holds no data, and every call it makes sends the API key its user types in
+PLAYGROUND = files("thresher.server") / "playground.html"
+
+
+@public.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+async def playground() -> HTMLResponse:
+    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
 
 @v1.get("/models")
