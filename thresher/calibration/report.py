@@ -1,4 +1,5 @@
-"""The quality report: perplexity against measured sparsity, as JSON, a PNG plot and a terminal table."""
+"""The quality reports, as JSON, a PNG plot and a terminal table: perplexity against measured sparsity, and the
+steering sweep's concept and fluency against strength."""
 
 from __future__ import annotations
 
@@ -56,3 +57,50 @@ def print_report(report: dict, console: Console | None = None) -> None:
                       f"{sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} (silent on these tokens "
                       f"{sae['held_out_silent_fraction']:.1%}), perplexity {sae['perplexity_increase']:+.1%} and KL "
                       f"from dense {sae['kl_from_dense']:.4f} with the reconstruction spliced in")
+
+
+def write_sweep_report(result: dict, directory: Path) -> None:
+    """`steering_report.json` and `steering_report.png`: concept reading, judge gain and perplexity against strength
+    per target, with the controls beside each vector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "steering_report.json").write_text(json.dumps(result, indent=1) + "\n")
+    targets = sorted({r["target"] for r in result["rows"][1:]})
+    fig, axes = plt.subplots(len(targets), 3, figsize=(12, 2.4 * len(targets)), squeeze=False)
+    for row_axes, target in zip(axes, targets):
+        for (kind, mode), style in {("vector", "add"): "o-", ("random direction", "add"): "x--",
+                                    ("flipped", "add"): "s:", ("feature", "add"): "o-",
+                                    ("feature", "clamp"): "d--"}.items():
+            points = sorted((r["strength"], r) for r in result["rows"][1:]
+                            if r["target"] == target and r["kind"] == kind and r["mode"] == mode)
+            if not points:
+                continue
+            label = kind if kind != "feature" else mode
+            for axis, metric in zip(row_axes, ("reading", "judge_gain", "perplexity")):
+                axis.plot([s for s, _ in points], [r[metric] for _, r in points], style, label=label)
+                axis.set_title(f"{target}: {metric}", fontsize=8)
+        row_axes[2].axhline(result["unsteered_perplexity"], color="grey", lw=0.8)
+        row_axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(directory / "steering_report.png", dpi=80)
+    plt.close(fig)
+
+
+def print_sweep(result: dict, console: Console | None = None) -> None:
+    table = Table(title=f"steering after layer {result['layer']}: {result['instructions']} held-out instructions, "
+                        f"{result['new_tokens']} tokens each; unsteered perplexity {result['unsteered_perplexity']:.2f}")
+    for column in ("target", "control", "mode", "strength", "reading", "judge gain", "perplexity", "combined"):
+        table.add_column(column, justify="left" if column in ("target", "control", "mode") else "right")
+    for r in result["rows"][1:]:
+        table.add_row(r["target"], "" if r["kind"] in ("vector", "feature") else r["kind"], r["mode"],
+                      f"{r['strength']:g}", f"{r['reading']:.3f} ({r['reading_unsteered']:.3f})",
+                      f"{r['judge_gain']:+.3f}", f"{r['perplexity']:.2f}", f"{r['combined']:.3f}")
+    console = console or Console()
+    console.print(table)
+    for key, best in sorted(result["best"].items()):
+        console.print(f"best {key}: strength {best['strength']:g} (combined {best['combined']:.3f}, perplexity "
+                      f"{best['perplexity']:.2f})")

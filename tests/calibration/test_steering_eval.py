@@ -1,0 +1,63 @@
+"""`thresher steering-eval` on a tiny budget, on a copy of the shipped reference artifact (the SAE and vectors that
+users steer with): the sweep measures what it claims, and its best strengths become the served suggestions."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.helpers import run_thresher
+from thresher.artifact import REFERENCE_ARTIFACTS, SWEEP, load_artifact
+from thresher.calibration.steering_eval import SweepConfig, evaluate_steering
+from thresher.steering import SteeringAssets
+
+TINY = SweepConfig(instructions=2, new_tokens=12, features=1, vector_multiples=(1.0,), feature_strengths=(4.0, 16.0),
+                   clamp_multiples=(8.0,))
+
+
+@pytest.fixture(scope="module")
+def swept(embedded_model, tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("reference") / "artifact"
+    shutil.copytree(REFERENCE_ARTIFACTS / "SmolLM2-135M-Instruct", artifact)
+    report = tmp_path_factory.mktemp("report")
+    return artifact, report, evaluate_steering(artifact, config=TINY, report_dir=report)
+
+
+def test_a_features_activation_rises_with_its_strength(swept):
+    _artifact, _report, result = swept
+    [feature] = result["features"]
+    rows = sorted((r["strength"], r) for r in result["rows"] if r["target"] == f"feature {feature}" and r["mode"] == "add")
+    readings = [rows[0][1]["reading_unsteered"]] + [r["reading"] for _, r in rows]
+    assert readings == sorted(readings) and readings[0] < readings[-1], readings
+
+
+def test_every_vector_runs_beside_its_controls_and_the_report_is_written(swept):
+    artifact, report, result = swept
+    for name in SteeringAssets(artifact, 576).vector_info:
+        kinds = {r["kind"] for r in result["rows"] if r["target"] == name}
+        assert kinds == {"vector", "random direction", "flipped"}, name
+    assert result["rows"][0]["kind"] == "unsteered"
+    assert all(0 <= r["combined"] <= 1 and r["perplexity"] > 0 for r in result["rows"][1:])
+    assert json.loads((report / "steering_report.json").read_text())["best"] == result["best"]
+    assert (report / "steering_report.png").stat().st_size > 0
+
+
+def test_the_best_strengths_are_stored_and_served_as_suggestions(swept):
+    artifact, _report, result = swept
+    load_artifact(artifact)  # the manifest covers the sweep's file
+    assert json.loads((artifact / SWEEP).read_text())["best"] == result["best"]
+    assets = SteeringAssets(artifact, 576)
+    for name, info in assets.vector_info.items():
+        assert info["suggested_strength"] == result["best"][f"{name}:add"]["strength"]
+        assert "rule_of_thumb_strength" in info
+    [feature] = result["features"]
+    entry = assets.feature(feature)
+    assert entry["suggested_strength"] == result["best"][f"feature {feature}:add"]["strength"]
+    assert entry["suggested_clamp"] == result["best"][f"feature {feature}:clamp"]["strength"]
+
+
+def test_a_bad_request_is_refused_before_any_work(tmp_path):
+    result = run_thresher("steering-eval", "--artifact", str(tmp_path / "absent"))
+    assert result.returncode == 2 and "absent" in result.stderr
+    result = run_thresher("steering-eval", "--artifact", str(tmp_path), "--instructions", "40")
+    assert result.returncode == 2 and "--instructions" in result.stderr
