@@ -11,7 +11,7 @@ from thresher.artifact import REFERENCE_ARTIFACTS, SWEEP, load_artifact
 from thresher.calibration.steering_eval import SweepConfig, evaluate_steering
 from thresher.steering import SteeringAssets
 
-TINY = SweepConfig(instructions=2, new_tokens=12, features=1, vector_multiples=(1.0,), feature_strengths=(4.0, 16.0),
+TINY = SweepConfig(instructions=2, new_tokens=12, features=16, vector_multiples=(1.0,), feature_strengths=(4.0, 16.0),
                    clamp_multiples=(8.0,))
 
 
@@ -23,12 +23,20 @@ def swept(embedded_model, tmp_path_factory):
     return artifact, report, evaluate_steering(artifact, config=TINY, report_dir=report)
 
 
-def test_a_features_activation_rises_with_its_strength(swept):
+def test_features_activation_rises_with_strength(swept):
+    """On 2 instructions x 12 tokens: the feature's own activation, read by the unsteered model on the generated
+    text, rises with the added strength for some of the features the rule samples, and the summary says for which
+    (the full sweep's share is in bench/RESULTS.md: far from the issue's 80%)."""
     _artifact, _report, result = swept
-    [feature] = result["features"]
-    rows = sorted((r["strength"], r) for r in result["rows"] if r["target"] == f"feature {feature}" and r["mode"] == "add")
-    readings = [rows[0][1]["reading_unsteered"]] + [r["reading"] for _, r in rows]
-    assert readings == sorted(readings) and readings[0] < readings[-1], readings
+    assert len(result["features"]) == 16
+    summary = result["summary"]
+    for feature in result["features"]:
+        rows = sorted((r["strength"], r) for r in result["rows"]
+                      if r["target"] == f"feature {feature}" and r["mode"] == "add")
+        readings = [rows[0][1]["reading_unsteered"]] + [r["reading"] for _, r in rows]
+        rises = readings[-1] > readings[0] and readings == sorted(readings)
+        assert summary["features"][f"feature {feature}"]["add_monotonic"] == rises, (feature, readings)
+    assert summary["features_monotonic_when_added"] > 0, summary
 
 
 def test_every_vector_runs_beside_its_controls_and_the_report_is_written(swept):
@@ -50,7 +58,7 @@ def test_the_best_strengths_are_stored_and_served_as_suggestions(swept):
     for name, info in assets.vector_info.items():
         assert info["suggested_strength"] == result["best"][f"{name}:add"]["strength"]
         assert "rule_of_thumb_strength" in info
-    [feature] = result["features"]
+    feature = result["features"][0]
     entry = assets.feature(feature)
     assert entry["suggested_strength"] == result["best"][f"feature {feature}:add"]["strength"]
     assert entry["suggested_clamp"] == result["best"][f"feature {feature}:clamp"]["strength"]

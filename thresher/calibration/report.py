@@ -101,6 +101,15 @@ def print_sweep(result: dict, console: Console | None = None) -> None:
                       f"{r['judge_gain']:+.3f}", f"{r['perplexity']:.2f}", f"{r['combined']:.3f}")
     console = console or Console()
     console.print(table)
+    console = Console(file=console.file, emoji=False, highlight=False)  # "feature 7:clamp" is no emoji code
     for key, best in sorted(result["best"].items()):
         console.print(f"best {key}: strength {best['strength']:g} (combined {best['combined']:.3f}, perplexity "
                       f"{best['perplexity']:.2f})")
+    summary = result["summary"]
+    for name, vector in summary["vectors"].items():
+        console.print(f"vector {name} at {vector['strength']:g}: judge gain {vector['judge_gain']:+.3f} against "
+                      f"{vector['random_judge_gain']:+.3f} for a random direction of its norm, perplexity "
+                      f"{vector['perplexity_ratio']:.2f}x unsteered: {'steers' if vector['steers'] else 'does not steer'}")
+    console.print(f"features whose activation rises with strength: {summary['features_monotonic_when_added']:.0%} "
+                  f"added, {summary['features_monotonic_when_clamped']:.0%} clamped; clamping's best combined score "
+                  f"beats adding's for {summary['clamp_beats_add']:.0%}")

@@ -222,10 +222,49 @@ def sweep(model, tokenizer, assets: SteeringAssets, config: SweepConfig, pairs: 
     for row in rows:
         row.pop("_readings"), row.pop("_texts")
     baseline.update(judge=None, reading=None)
+    best = best_strengths(rows, baseline["perplexity"] * config.max_fluency_ratio)
     return {"layer": layer, "instructions": len(prompts), "new_tokens": config.new_tokens,
-            "unsteered_perplexity": baseline["perplexity"], "rows": rows,
-            "best": best_strengths(rows, baseline["perplexity"] * config.max_fluency_ratio),
-            "features": [e["id"] for e in sampled]}
+            "unsteered_perplexity": baseline["perplexity"], "rows": rows, "best": best,
+            "features": [e["id"] for e in sampled], "summary": summarize(rows, best, baseline["perplexity"])}
+
+
+def summarize(rows: list[dict], best: dict[str, dict], unsteered_perplexity: float) -> dict:
+    """The sweep against its questions: does each vector at its best strength move the judge more than a random
+    direction of its norm at that strength, within 1.5x the unsteered perplexity; does each feature's activation rise
+    with strength; does clamping beat adding at their best."""
+
+    def row(target, kind, mode, strength):
+        return next(r for r in rows if (r["target"], r["kind"], r["mode"], r["strength"]) == (target, kind, mode,
+                                                                                           strength))
+
+    vectors = {}
+    for key, chosen in best.items():
+        if chosen["mode"] != "add" or chosen["target"].startswith("feature "):
+            continue
+        steered = row(chosen["target"], "vector", "add", chosen["strength"])
+        random = row(chosen["target"], "random direction", "add", chosen["strength"])
+        vectors[chosen["target"]] = {
+            "strength": chosen["strength"], "judge_gain": steered["judge_gain"],
+            "random_judge_gain": random["judge_gain"],
+            "perplexity_ratio": round(steered["perplexity"] / unsteered_perplexity, 3),
+            "steers": steered["judge_gain"] > random["judge_gain"]
+                      and steered["perplexity"] <= 1.5 * unsteered_perplexity}
+    features = {}
+    for target in sorted({r["target"] for r in rows if r["kind"] == "feature"}):
+        by_mode = {}
+        for mode in ("add", "clamp"):
+            swept = sorted((r["strength"], r) for r in rows if r["target"] == target and r["mode"] == mode)
+            readings = [swept[0][1]["reading_unsteered"]] + [r["reading"] for _, r in swept]
+            rises = readings[-1] > readings[0] and all(a <= b for a, b in zip(readings, readings[1:]))
+            by_mode[mode] = {"monotonic": rises,
+                             "best_combined": best[f"{target}:{mode}"]["combined"]}
+        features[target] = {**{f"{mode}_{k}": v for mode, m in by_mode.items() for k, v in m.items()},
+                            "clamp_beats_add": by_mode["clamp"]["best_combined"] > by_mode["add"]["best_combined"]}
+    count = max(len(features), 1)
+    return {"vectors": vectors, "features": features,
+            "features_monotonic_when_added": round(sum(f["add_monotonic"] for f in features.values()) / count, 3),
+            "features_monotonic_when_clamped": round(sum(f["clamp_monotonic"] for f in features.values()) / count, 3),
+            "clamp_beats_add": round(sum(f["clamp_beats_add"] for f in features.values()) / count, 3)}
 
 
 def _concept_scores(row: dict, baseline: dict, concept: dict, judge: Judge, sae) -> dict:
