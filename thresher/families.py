@@ -30,6 +30,12 @@ class ProjectionGroup:
     def tensor_name(self, layer: int) -> str:
         return f"layers.{layer}.{self.name}"
 
+    def rank_thresholds(self, table, rank: int, world: int):
+        """The thresholds `[levels, in_features]` that tensor-parallel rank `rank` of `world` applies: its slice of the
+        input channels for a sharded group (vLLM's row-parallel layers split their input in equal consecutive
+        parts), all of them otherwise."""
+        return table.chunk(world, dim=1)[rank] if self.sharded else table
+
 
 # Every supported family shares the Llama layout: q/k/v and gate/up read the normed residual stream, o reads
 # attention's output and down the activated MLP hidden state.

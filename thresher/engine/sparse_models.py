@@ -179,9 +179,7 @@ class SparseCausalLM:
             layer.thresher_qk_norm = family.qk_norm
             layer.register_buffer("thresher_token_levels", self.token_levels.buffer, persistent=False)
             for group in family.groups:
-                table = artifact.thresholds[group.tensor_name(index)]
-                if group.sharded:
-                    table = table.chunk(world, dim=1)[rank]
+                table = group.rank_thresholds(artifact.thresholds[group.tensor_name(index)], rank, world)
                 projection = layer.get_submodule(group.vllm_module)
                 projection.register_buffer("thresher_thresholds", table.to(device).contiguous(), persistent=False)
                 projection.quant_method = ThresholdedLinearMethod(projection.quant_method, self.token_levels,
