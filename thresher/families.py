@@ -33,8 +33,8 @@ class ProjectionGroup:
     def rank_thresholds(self, table, rank: int, world: int):
         """The thresholds `[levels, in_features]` that tensor-parallel rank `rank` of `world` applies: its slice of the
         input channels for a sharded group (vLLM's row-parallel layers split their input in equal consecutive
-        parts), all of them otherwise."""
-        return table.chunk(world, dim=1)[rank] if self.sharded else table
+        parts), all of them otherwise. Contiguous, as the kernels read it."""
+        return table.chunk(world, dim=1)[rank].contiguous() if self.sharded else table
 
 
 # Every supported family shares the Llama layout: q/k/v and gate/up read the normed residual stream, o reads

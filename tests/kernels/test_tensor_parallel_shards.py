@@ -18,9 +18,10 @@ DTYPE, TOLERANCE = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float3
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("group", LLAMA_LAYOUT, ids=lambda g: g.name)
 @pytest.mark.parametrize("rows", [1, 4])
-def test_a_ranks_share_is_its_slice_of_the_unsharded_projection(group, world, rows):
+@pytest.mark.parametrize("in_features", [256, 4096])
+def test_a_ranks_share_is_its_slice_of_the_unsharded_projection(group, world, rows, in_features):
     torch.manual_seed(0)
-    in_features, out_features = 256, 192
+    out_features = 192
     x = torch.randn(rows, in_features, device=DEVICE, dtype=DTYPE)
     weight = torch.randn(out_features, in_features, device=DEVICE, dtype=DTYPE) / 16
     thresholds = torch.stack([torch.zeros(in_features), torch.rand(in_features)]).to(DEVICE)  # level 0 and a sparse one
