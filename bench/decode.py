@@ -1,6 +1,7 @@
 """Decode throughput of the thresher vLLM engine against stock vLLM, same run (GPU machine).
 
     python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16] [--repeats 3]
+                           [--shape llama3-8b|llama3-70b] [--tensor-parallel-size N]
 
 Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
 torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both engines on the model runner that
@@ -39,7 +40,12 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
     "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
 }
+LLAMA3_70B = LLAMA3_8B | {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                          "num_attention_heads": 64, "num_key_value_heads": 8}
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 EXTENSION = "thresher.engine.measurement.ThresherWorkerExtension"
+# set by main: the tensor-parallel size of every engine of the run (stock and thresher alike)
+TENSOR_PARALLEL_SIZE = 1
 PROMPT_TOKENS, NEW_TOKENS = 64, 256
 
 
@@ -47,7 +53,8 @@ def _engine(model: Path, **kwargs):
     from vllm import LLM
 
     return LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024,
-               max_num_seqs=16, gpu_memory_utilization=0.85, seed=0, **kwargs)
+               max_num_seqs=16, gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=TENSOR_PARALLEL_SIZE,
+               **kwargs)
 
 
 def _shutdown(llm) -> None:
@@ -86,6 +93,7 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
                   worker_extension_cls=EXTENSION)
     llm.collective_rpc("thresher_record_decode_inputs", args=(True, 1))  # one row per forward: decode, not prefill
     _decode(llm, 1, 0.0)
+    # rank 0's samples: a sharded input's shard stands for the whole tensor in a one-threshold-per-tensor fit
     samples = llm.collective_rpc("thresher_decode_input_samples")[0]
     _shutdown(llm)
     widths = {name: identity.in_features(group) for name, group in identity.tensor_names()}
@@ -109,7 +117,8 @@ def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) ->
     for level in levels:
         llm.collective_rpc("thresher_decode_sparsity")
         _decode(llm, 1, level)
-        measured[level] = round(llm.collective_rpc("thresher_decode_sparsity")[0], 4)
+        per_rank = llm.collective_rpc("thresher_decode_sparsity")
+        measured[level] = round(sum(per_rank) / len(per_rank), 4)
     _shutdown(llm)
     return measured
 
@@ -117,22 +126,30 @@ def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/decode.json")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=None, help="default: the shape's (32 for 8B, 80 for 70B); "
+                        "fewer to fit a 70B shape on the GPUs at hand")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine, stock and thresher")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--levels", default="0.25,0.4,0.5")
     parser.add_argument("--repeats", type=int, default=3, help="timed generates per cell; the median is reported "
                         "(one run of batch 16 varied by up to 7%% between identical cells)")
     args = parser.parse_args()
+    global TENSOR_PARALLEL_SIZE
+    TENSOR_PARALLEL_SIZE = args.tensor_parallel_size
+    shape = SHAPES[args.shape]
+    layers = args.layers or shape["num_hidden_layers"]
     batches = [int(b) for b in args.batches.split(",")]
     levels = [float(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="thresher-decode-"))
     model = work / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps(LLAMA3_8B | {"num_hidden_layers": args.layers}))
+    (model / "config.json").write_text(json.dumps(shape | {"num_hidden_layers": layers}))
     artifact = fit_artifact(model, levels, work)
     measured = measure_decode_sparsity(model, artifact, levels)
 
-    results = {"device": torch.cuda.get_device_name(), "model": f"Llama-3-8B shape, {args.layers} layers, dummy bf16",
+    results = {"device": torch.cuda.get_device_name(), "tensor_parallel_size": TENSOR_PARALLEL_SIZE,
+               "model": f"{args.shape} shape, {layers} layers, dummy bf16",
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
@@ -151,7 +168,8 @@ def main() -> None:
     _shutdown(sparse)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\n{results['device']}, {results['model']}, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy")
+    print(f"\n{results['device']} x {TENSOR_PARALLEL_SIZE}, {results['model']}, {PROMPT_TOKENS}-token prompts, "
+          f"{NEW_TOKENS} new tokens, greedy")
     print("measured decode sparsity (batch 1): " + ", ".join(f"level {k}: {v}" for k, v in measured.items()))
     print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9}")
     for row in results["rows"]:
