@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from tests.helpers import run_thresher
 from thresher.artifact import REFERENCE_ARTIFACTS, SWEEP, load_artifact
@@ -69,3 +70,10 @@ def test_a_bad_request_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2 and "absent" in result.stderr
     result = run_thresher("steering-eval", "--artifact", str(tmp_path), "--instructions", "40")
     assert result.returncode == 2 and "--instructions" in result.stderr
+
+
+def test_a_feature_clamped_twice_ends_at_its_last_value():
+    assets = SteeringAssets(REFERENCE_ARTIFACTS / "SmolLM2-135M-Instruct", 576)
+    spec = assets.parse({"features": [{"id": 7, "clamp": 2.0}, {"id": 9, "strength": 1.0}, {"id": 7, "clamp": 5.0}]})
+    rows = assets.clamp_rows(spec)
+    assert rows.values.tolist() == [5.0] and torch.equal(rows.encoder[0], assets.sae.W_enc[:, 7].detach())

@@ -139,7 +139,10 @@ def test_concurrent_requests_with_mixed_steering_each_get_their_own_result(serve
     ({"steering": {"features": [{"id": 10**6, "strength": 1.0}]}}, "steering.features.0.id"),
     ({"steering": {"vectors": [{"name": "sarcastic", "strength": 1.0}]}}, "steering.vectors.0.name"),
     ({"steering": {"vectors": [{"name": "formal", "strength": 500.0}]}}, "steering.vectors.0.strength"),
-    ({"steering": {"features": [{"id": i, "strength": 1.0} for i in range(17)]}}, "steering"),
+    ({"steering": {"features": [{"id": i, "strength": 1.0} for i in range(9)]}}, "steering.features"),
+    ({"steering": {"features": [{"id": 1, "clamp": -1.0}]}}, "steering.features.0.clamp"),
+    ({"steering": {"features": [{"id": 1, "clamp": 2.0, "strength": 1.0}]}}, "steering.features.0"),
+    ({"steering": {"features": [{"id": 1}]}}, "steering.features.0"),
     ({"steering": {"features": "all"}}, "steering.features"),
     ({"steering": {"layer": 2, "vectors": [{"name": "formal", "strength": 1.0}]}}, "steering.layer"),
 ])

@@ -13,7 +13,7 @@ from thresher.server.limits import BodyLimit
 from thresher.server.metrics import ServerMetrics
 from thresher.server.routes import authorized, public, v1
 from thresher.server.serving import ServeSettings, ServingEngine
-from thresher.steering import MAX_CLAMP, MAX_ENTRIES, MAX_STRENGTH
+from thresher.steering import MAX_CLAMP, MAX_FEATURES, MAX_STRENGTH, MAX_VECTORS
 
 
 @asynccontextmanager
@@ -70,9 +70,8 @@ def _served_limits(schemas: dict, serving: ServingEngine) -> None:
     strength = {"type": "number", "minimum": -MAX_STRENGTH, "maximum": MAX_STRENGTH}
     spec = schemas["SteeringSpec"]["properties"]
     spec["layer"]["anyOf"] = [{"type": "integer", "enum": [assets.layer]}, {"type": "null"}]
-    # at most MAX_ENTRIES in all (said in the description: a schema cannot bound the sum of two lists)
-    spec["features"]["maxItems"] = MAX_ENTRIES if assets.sae is not None else 0
-    spec["vectors"]["maxItems"] = MAX_ENTRIES
+    spec["features"]["maxItems"] = MAX_FEATURES if assets.sae is not None else 0
+    spec["vectors"]["maxItems"] = MAX_VECTORS
     feature = schemas["FeatureTerm"]["properties"]
     feature["id"].update(minimum=0, maximum=assets.sae.d_sae - 1 if assets.sae is not None else 0)
     feature["strength"] = {**strength, "description": feature["strength"]["description"]}

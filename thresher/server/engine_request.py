@@ -65,7 +65,10 @@ async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> E
             vllm_request = new_parser().adjust_request(vllm_request)
         except (ValueError, VLLMValidationError) as error:
             raise vllm_rejected(error, "tools") from None
-    structured_outputs = vllm_request.extract_structured_outputs()
+    try:
+        structured_outputs = vllm_request.extract_structured_outputs()
+    except (ValueError, VLLMValidationError) as error:
+        raise vllm_rejected(error, "tool_choice" if body.tools else "response_format") from None
     messages = [m.template_message() for m in body.messages]
     characters = sum(len(m["content"]) for m in messages) + len(json.dumps(tools) if tools else "")
     _check_length(serving, characters, "messages", body.max_completion_tokens or body.max_tokens, exact=False)
@@ -102,6 +105,12 @@ def _vllm_chat_request(body: ChatCompletionRequest):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMChatCompletionRequest
 
     fields = {"messages": [], **body.model_dump(mode="json", by_alias=True, exclude_unset=True, include=VLLM_READS)}
+    for tool in fields.get("tools") or []:  # OpenAI: a function without parameters takes none
+        if tool["function"].get("parameters") is None:
+            tool["function"]["parameters"] = {"type": "object", "properties": {}}
+    json_schema = (fields.get("response_format") or {}).get("json_schema")
+    if json_schema is not None and json_schema.get("schema") is None:  # no schema: any JSON object, as json_object
+        json_schema["schema"] = {"type": "object"}
     try:
         return VLLMChatCompletionRequest.model_validate(fields)
     except (ValueError, VLLMValidationError) as error:  # vLLM's own checks, e.g. of a response_format

@@ -15,17 +15,17 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
                       model_validator)
 
 from thresher import steering
-from thresher.steering import MAX_CLAMPS, MAX_ENTRIES, MAX_STRENGTH
+from thresher.steering import MAX_FEATURES, MAX_STRENGTH, MAX_VECTORS
 
 SPARSITY_DESCRIPTION = ("thresher: fraction of projection weights to skip for this request's decode steps; one of "
                         "the artifact's calibrated levels (GET /v1/models lists them). Default: the server's "
                         "--sparsity.")
 STEERING_DESCRIPTION = ("thresher: directions added to the residual stream after one decoder layer for every "
                         "token of this request: SAE features (GET /v1/steering/features) and named vectors "
-                        f"(GET /v1/steering/vectors), each with a strength: at most {MAX_ENTRIES} entries, "
-                        f"strengths finite and within ±{MAX_STRENGTH:g}. A feature may be clamped instead "
-                        f"(`clamp`: its activation set to the value, 0 removes it): at most {MAX_CLAMPS} per "
-                        "request, each feature once.")
+                        f"(GET /v1/steering/vectors), each with a strength: at most {MAX_FEATURES} features and "
+                        f"{MAX_VECTORS} vectors, strengths finite and within ±{MAX_STRENGTH:g}. A feature may be "
+                        "clamped instead (`clamp`: its activation set to the value, 0 removes it; a feature clamped "
+                        "twice ends at the last value).")
 
 
 def _integral(value):
@@ -178,9 +178,11 @@ class JsonSchema(Strict):
 class ResponseFormat(Strict):
     """`json_object` and `json_schema` constrain decoding (vLLM's structured outputs); `text` does not."""
 
+    # null stands for absent, as the server reads it
     model_config = ConfigDict(json_schema_extra={"if": {"properties": {"type": {"const": "json_schema"}}},
-                                                 "then": {"required": ["json_schema"]},
-                                                 "else": {"not": {"required": ["json_schema"]}}})
+                                                 "then": {"required": ["json_schema"],
+                                                          "properties": {"json_schema": {"not": {"type": "null"}}}},
+                                                 "else": {"properties": {"json_schema": {"type": "null"}}}})
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
