@@ -55,17 +55,9 @@ def reference_steered_generation(model, direction, layer: int, prompt_ids: list[
     then `clamps` (`SteeringAssets.clamp_rows`) applied."""
     import torch
 
-    from thresher.steering import clamp_delta
+    from thresher.calibration.steering_eval import steering_hook
 
-    def add(_module, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        steered = hidden + direction.to(hidden.dtype)
-        if clamps is not None:
-            stream = steered.float().reshape(-1, steered.shape[-1])
-            steered = steered + clamp_delta(stream, clamps).reshape(steered.shape).to(steered.dtype)
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-    handle = model.model.layers[layer].register_forward_hook(add)
+    handle = model.model.layers[layer].register_forward_hook(steering_hook(direction, clamps))
     try:
         ids = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
     finally:
