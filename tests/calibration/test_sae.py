@@ -114,7 +114,7 @@ def test_steering_specs_are_validated_against_the_artifact(assets):
         ({"vectors": [{"name": "formal", "strength": float("nan")}]}, "steering.vectors.0.strength"),
         ({"vectors": [{"name": "formal", "strength": 1e6}]}, "steering.vectors.0.strength"),
         ({"layer": 3, "vectors": [{"name": "formal", "strength": 1}]}, "steering.layer"),
-        ({"features": [{"id": i, "strength": 1} for i in range(17)]}, "steering"),
+        ({"features": [{"id": i, "strength": 1} for i in range(9)]}, "steering.features"),
         ({"features": [{"id": "three", "strength": 1}]}, "steering.features.0.id"),
         ({"colour": "blue"}, "steering.colour"),
     ]

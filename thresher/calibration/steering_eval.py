@@ -274,7 +274,8 @@ def _concept_scores(row: dict, baseline: dict, concept: dict, judge: Judge, sae)
     def reading(readings: Readings) -> float:
         if concept["kind"] == "vector":
             return _mean(float((r @ concept["unit"]).mean()) for r in readings.residuals)
-        return _mean(float(sae.encode(r.to(sae.W_enc.device))[:, concept["id"]].mean()) for r in readings.residuals)
+        with torch.no_grad():
+            return _mean(float(sae.encode(r.to(sae.W_enc.device))[:, concept["id"]].mean()) for r in readings.residuals)
 
     judged = judge_mean(row["_texts"]) if concept["positive"] is not None else 0.0
     judged_unsteered = judge_mean(baseline["_texts"]) if concept["positive"] is not None else 0.0
