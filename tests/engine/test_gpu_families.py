@@ -39,7 +39,7 @@ def _stock_rows(model, dtype) -> dict[int, list[dict[int, float]]]:
         stock.llm_engine.engine_core.shutdown()
 
 
-def _distance(rows, reference) -> float:
+def _distance(row, reference) -> float:
     """The largest log-probability difference over the tokens both top-8s hold."""
     return max(abs(row[t] - reference[t]) for t in row.keys() & reference.keys())
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.engine.engines import (DECODE_TOKENS, MAX_TOKENS, WORKER_EXTENSION, decode_sparsity, greedy, shutdown,
+from tests.engine.engines import (MAX_TOKENS, WORKER_EXTENSION, decode_sparsity, greedy, shutdown,
                                   start_engine, steered, tokens)
 from tests.helpers import (STEERING_STRENGTHS, densest_features, mean_activation_by_strength,
                            reference_steered_generation)
@@ -74,9 +74,9 @@ def test_mixed_batch_applies_each_request_its_own_level(thresher_llm, stock_toke
     levels = [0.0, 0.5, 0.0, 0.5]
     mixed = greedy(thresher_llm, PROMPTS, levels)
     measured = decode_sparsity(thresher_llm)
-    for tokens, stock, level in zip(mixed, stock_tokens, levels):
+    for row, stock, level in zip(mixed, stock_tokens, levels):
         if level == 0.0:
-            assert tokens == stock
+            assert row == stock
     assert mixed[1] != stock_tokens[1] or mixed[3] != stock_tokens[3]
     assert measured == pytest.approx(0.5, abs=0.02), "the sparse rows run at their own level"
 
