@@ -68,6 +68,7 @@ class ThresherWorkerExtension:
     - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
     - `thresher_fused_layers()`: how many decoder layers run the fused ops.
     - `thresher_clamp_readings()`: what the SAE reads of clamped features, before and after their clamps.
+    - `thresher_attention_pages()`: KV pages read by decode steps under a budget, and what dense attention reads.
     - `thresher_record_decode_inputs(on)` and `thresher_decode_input_samples()`: samples of |x| of every projection
       input in decode steps, for models that only exist in the engine (`load_format="dummy"` speed benchmarks fit
       their thresholds on them with calibration's own fit). Needs `enforce_eager=True`: hooks do not run inside
@@ -80,6 +81,11 @@ class ThresherWorkerExtension:
 
     def thresher_decode_sparsity(self) -> float:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
+
+    def thresher_attention_pages(self) -> tuple[int, int]:
+        """Since the last call, summed over attention layers: (pages read, pages dense attention would have read)
+        by decode steps of requests with an attention budget."""
+        return self.model_runner.get_model().attention_budgets.read_and_reset()
 
     def thresher_clamp_readings(self) -> dict[str, float]:
         """Since the last call, clamped features at the steering layer: the largest activation before their clamps

@@ -29,6 +29,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from thresher.artifact import load_artifact, model_identity
 from thresher.engine.measurement import DecodeSparsityMeter
 from thresher.engine.runner_hooks import model_state_cls
+from thresher.engine.selective_attention import RequestBudgets, install_selective_attention
 from thresher.engine.token_levels import TokenLevels
 from thresher.engine.token_steering import TokenSteering, install_steering
 from thresher.families import Family, family_by_sparse_class
@@ -156,7 +157,7 @@ def _fused(layer_class: type) -> type:
 
 class SparseCausalLM:
     """Mixed into a family's vLLM model class: the thresholds of a thresher artifact on every projection input, the
-    per-token levels and steering slots, and the fused decoder layers on CUDA."""
+    per-token levels and steering slots, per-request attention budgets, and the fused decoder layers on CUDA."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
@@ -202,6 +203,14 @@ class SparseCausalLM:
             install_steering(layers[assets.layer], steering)
             per_token_states.append(steering)
             log.info("thresher: per-request steering after layer %d", assets.layer)
+        self.attention_budgets = RequestBudgets(vllm_config.cache_config.block_size,
+                                                vllm_config.scheduler_config.max_num_seqs, device)
+        self.thresher_selects_pages = install_selective_attention([layer.self_attn.attn for layer in layers],
+                                                                  self.attention_budgets)
+        if self.thresher_selects_pages:
+            per_token_states.append(self.attention_budgets)
+            log.info("thresher: per-request attention budgets over %d-token KV pages",
+                     vllm_config.cache_config.block_size)
         # read by the runner hooks before every forward
         self.thresher_token_states = per_token_states
         log.info("thresher: %s, %d layers sparsified with levels %s (%s)", family.architecture, len(layers),

@@ -2,7 +2,7 @@
 
 vLLM's model forward sees only token ids and positions, not requests. Before each forward, the model runner hook
 (`runner_hooks`) writes the level index of every scheduled token into a buffer the model owns: the request's level
-for decode tokens, 0 (dense) for prefill chunks, which are compute-bound. The buffer is a fixed tensor updated in
+for decode tokens, 0 (dense) for prompt tokens, which are compute-bound. The buffer is a fixed tensor updated in
 place, so compiled graphs read fresh values every step.
 """
 
@@ -37,10 +37,12 @@ class TokenLevels:
             log.error("%s; running the request dense", error)
             return 0
 
-    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
+               decoding: np.ndarray) -> None:
         """`sampling_params[req_id]` of every running request; ids missing from it (dummy runs) run dense."""
         per_request = np.array(
-            [self.level_index(sampling_params.get(r)) if n == 1 else 0 for r, n in zip(req_ids, num_scheduled_tokens)],
+            [self.level_index(sampling_params.get(r)) if d and n == 1 else 0
+             for r, n, d in zip(req_ids, num_scheduled_tokens, decoding)],
             dtype=np.int64,
         )
         total = int(num_scheduled_tokens.sum())

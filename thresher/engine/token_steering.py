@@ -75,7 +75,8 @@ class TokenSteering:
         self._slot_of[key] = slot
         return slot
 
-    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
+               decoding: np.ndarray) -> None:
         """`sampling_params[req_id]` of every running request; ids missing from it (dummy runs) run unsteered."""
         in_use: set[int] = set()
         per_request = np.zeros(len(req_ids), dtype=np.int64)

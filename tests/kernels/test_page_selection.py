@@ -1,0 +1,85 @@
+"""Page selection over a paged KV cache against its per-sequence reference (CPU; the GPU runs the same torch code)."""
+
+import torch
+
+from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, new_summaries,
+                                             reference_selection, select_pages, update_summaries)
+
+BLOCK, KV_HEADS, HEADS, HEAD = 16, 2, 6, 32
+SCALE = HEAD**-0.5
+
+
+def _paged(lengths, num_blocks=256, seed=0):
+    """Keys of several sequences written into a shared paged cache in a scrambled block order, in chunks as
+    prefill and decode write them. Returns the per-sequence keys, the block table and the summaries."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(n, KV_HEADS, HEAD, generator=generator) * torch.linspace(0.2, 3, HEAD) for n in lengths]
+    free = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(-(-n // BLOCK) for n in lengths)
+    table = torch.zeros(len(lengths), width + 3, dtype=torch.int32)
+    for row, n in enumerate(lengths):
+        for page in range(-(-n // BLOCK)):
+            table[row, page] = free.pop()
+    summaries = new_summaries(num_blocks, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
+    for row, sequence in enumerate(keys):
+        position = 0
+        while position < len(sequence):
+            chunk = min(int(torch.randint(1, 40, (1,), generator=generator)), len(sequence) - position)
+            written = torch.arange(position, position + chunk)
+            slots = table[row, written // BLOCK].long() * BLOCK + written % BLOCK
+            # a padding slot (-1) rides along, as in vLLM's padded batches
+            update_summaries(summaries, torch.cat([sequence[written], torch.randn(1, KV_HEADS, HEAD) * 100]),
+                             torch.cat([slots, torch.tensor([-1])]), BLOCK)
+            position += chunk
+    return keys, table, summaries
+
+
+def test_batched_selection_matches_the_reference_per_sequence():
+    lengths = [700, 45, 1000, 333, 17 * BLOCK]
+    budgets = torch.tensor([8, 8, 20, 0, MIN_BUDGET_PAGES])
+    keys, table, summaries = _paged(lengths)
+    query = torch.randn(len(lengths), HEADS, HEAD, generator=torch.Generator().manual_seed(1)) * 2
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    compacted, new_lengths = select_pages(query, summaries, table, seq_lens, budgets, BLOCK, SCALE)
+    for row, n in enumerate(lengths):
+        pages = reference_selection(query[row], keys[row], int(budgets[row]), BLOCK, SCALE)
+        num_pages = -(-n // BLOCK)
+        if int(budgets[row]) in (0,) or num_pages <= int(budgets[row]):
+            assert pages == list(range(num_pages)) and int(new_lengths[row]) == n
+            assert torch.equal(compacted[row], table[row])
+            continue
+        assert len(pages) == int(budgets[row]) and pages[:SINK_PAGES] == list(range(SINK_PAGES))
+        assert pages[-RECENT_PAGES:] == list(range(num_pages - RECENT_PAGES, num_pages))
+        assert compacted[row, : len(pages)].tolist() == table[row, pages].tolist()
+        assert int(new_lengths[row]) == (len(pages) - 1) * BLOCK + n - (num_pages - 1) * BLOCK
+
+
+def test_the_selection_follows_where_the_query_looks():
+    """Among 100 pages of noise, the page whose keys share the query's direction is read."""
+    direction = torch.nn.functional.normalize(torch.randn(KV_HEADS, HEAD), dim=-1)
+    target, length = 57, 1600
+    keys, table, summaries = _paged([length])
+    keys[0][target * BLOCK : (target + 1) * BLOCK] += 8 * direction
+    summaries = new_summaries(summaries.shape[0] - 1, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
+    update_summaries(summaries, keys[0], (table[0, torch.arange(length) // BLOCK].long() * BLOCK
+                                          + torch.arange(length) % BLOCK), BLOCK)
+    query = direction.repeat_interleave(HEADS // KV_HEADS, dim=0) * 4
+    pages = reference_selection(query, keys[0], MIN_BUDGET_PAGES, BLOCK, SCALE)
+    compacted, _ = select_pages(query[None], summaries, table, torch.tensor([length]),
+                                torch.tensor([MIN_BUDGET_PAGES]), BLOCK, SCALE)
+    assert target in pages and int(table[0, target]) in compacted[0, :MIN_BUDGET_PAGES].tolist()
+
+
+def test_a_reused_block_starts_a_fresh_summary():
+    summaries = new_summaries(4, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
+    big = torch.full((BLOCK, KV_HEADS, HEAD), 50.0)
+    slots = torch.arange(2 * BLOCK, 3 * BLOCK)
+    update_summaries(summaries, big, slots, BLOCK)
+    assert summaries[2, :, 1].eq(50).all()
+    small = torch.randn(5, KV_HEADS, HEAD)
+    update_summaries(summaries, small, slots[:5], BLOCK)  # block 2 handed to a new sequence
+    assert torch.equal(summaries[2, :, 0], small.amin(0)) and torch.equal(summaries[2, :, 1], small.amax(0))
+    more = torch.randn(1, KV_HEADS, HEAD)
+    update_summaries(summaries, more, slots[5:6], BLOCK)  # a decode step continues the block
+    both = torch.cat([small, more])
+    assert torch.equal(summaries[2, :, 0], both.amin(0)) and torch.equal(summaries[2, :, 1], both.amax(0))
