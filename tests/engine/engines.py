@@ -13,7 +13,6 @@ MAX_TOKENS = 12
 # measured 47.8-50.5% over test-sized and default artifacts, refined or not (the default greedy one 49.2 / 47.8%);
 # 32 tokens 48.6-50.6%, 64 tokens 49.1-50.9%.
 DECODE_TOKENS = 32
-WORKER_EXTENSION = "thresher.engine.measurement.ThresherWorkerExtension"
 
 
 def start_engine(model_path, **kwargs):

@@ -10,12 +10,13 @@ import shutil
 
 import pytest
 
-from tests.engine.engines import (MAX_TOKENS, WORKER_EXTENSION, decode_sparsity, greedy, shutdown,
+from tests.engine.engines import (MAX_TOKENS, decode_sparsity, greedy, shutdown,
                                   start_engine, steered, tokens)
 from tests.helpers import (STEERING_STRENGTHS, densest_features, mean_activation_by_strength,
                            reference_steered_generation)
 from thresher.artifact import ArtifactError
 from thresher.engine import engine_overrides
+from thresher.engine.measurement import WORKER_EXTENSION
 from thresher.steering import SteeringAssets
 
 PROMPTS = [

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.engine.engines import WORKER_EXTENSION, greedy, shutdown, start_engine, steered, tokens
+from tests.engine.engines import greedy, shutdown, start_engine, steered, tokens
 from tests.helpers import build_tiny_model, run_thresher
 from thresher.cli import cpu_rank_binding
 from thresher.engine import engine_overrides
+from thresher.engine.measurement import WORKER_EXTENSION
 from thresher.steering import SteeringAssets
 
 PROMPTS = ["The river flows", "Once upon a time", "The price of bread", "Mountains are"]

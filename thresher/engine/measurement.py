@@ -1,7 +1,8 @@
 """Opt-in measurement inside the engine: how sparse decode really runs, and what the projections' inputs are.
 
-Neither is on the serving path: the meter counts only with THRESHER_MEASURE_SPARSITY=1 at engine start, and the
-worker extension is loaded only when a caller names it (`worker_extension_cls`), as the tests and benchmarks do.
+The meter counts only with THRESHER_MEASURE_SPARSITY=1 at engine start. The worker extension is loaded when a caller
+names it (`worker_extension_cls`): the server does, to learn whether attention budgets work and to read the KV pages
+they read; the tests and benchmarks do, for the rest.
 """
 
 from __future__ import annotations
@@ -62,13 +63,19 @@ class ClampMeter(torch.nn.Module):
         return {"largest_activation_before": before, "largest_error_after": after}
 
 
+WORKER_EXTENSION = "thresher.engine.measurement.ThresherWorkerExtension"
+
+
 class ThresherWorkerExtension:
     """vLLM worker extension (`worker_extension_cls`), called through `llm.collective_rpc(name, args=...)`.
 
     - `thresher_decode_sparsity()`: weighted activation sparsity of decode tokens since the last call.
     - `thresher_fused_layers()`: how many decoder layers run the fused ops.
     - `thresher_clamp_readings()`: what the SAE reads of clamped features, before and after their clamps.
+    - `thresher_selects_pages()`: whether attention budgets are wired into this engine's attention.
     - `thresher_attention_pages()`: KV pages read by decode steps under a budget, and what dense attention reads.
+    - `thresher_record_selection(layer, on)` and `thresher_recorded_selection(layer)`: one attention layer's key
+      writes and page selections, for comparison with the reference selection.
     - `thresher_record_decode_inputs(on)` and `thresher_decode_input_samples()`: samples of |x| of every projection
       input in decode steps, for models that only exist in the engine (`load_format="dummy"` speed benchmarks fit
       their thresholds on them with calibration's own fit). Needs `enforce_eager=True`: hooks do not run inside
@@ -82,10 +89,31 @@ class ThresherWorkerExtension:
     def thresher_decode_sparsity(self) -> float:
         return self.model_runner.get_model().sparsity_meter.read_and_reset()
 
+    def thresher_selects_pages(self) -> bool:
+        return self.model_runner.get_model().thresher_selects_pages
+
     def thresher_attention_pages(self) -> tuple[int, int]:
         """Since the last call, summed over attention layers: (pages read, pages dense attention would have read)
         by decode steps of requests with an attention budget."""
         return self.model_runner.get_model().attention_budgets.read_and_reset()
+
+    def _selection(self, layer: int):
+        return self.model_runner.get_model().model.layers[layer].self_attn.attn.impl.thresher_selection
+
+    def thresher_record_selection(self, layer: int, on: bool) -> None:
+        self._selection(layer).recording = {"writes": [], "steps": []} if on else None
+
+    def thresher_recorded_selection(self, layer: int) -> dict:
+        """`slots` and `keys`: every KV-cache write; `steps`: each step's decode queries, block tables, sequence
+        lengths, budgets in pages, and the compacted tables and lengths the selection made. Also `scale` and
+        `block_size`. As nested lists, which the RPC carries whole."""
+        selection = self._selection(layer)
+        writes = selection.recording["writes"]
+        return {"slots": torch.cat([slots for slots, _ in writes]).tolist(),
+                "keys": torch.cat([keys for _, keys in writes]).tolist(),
+                "steps": [{name: value.tolist() for name, value in step.items()}
+                          for step in selection.recording["steps"]],
+                "scale": selection.impl.scale, "block_size": selection.budgets.block_size}
 
     def thresher_clamp_readings(self) -> dict[str, float]:
         """Since the last call, clamped features at the steering layer: the largest activation before their clamps

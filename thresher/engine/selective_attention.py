@@ -62,10 +62,13 @@ class SelectiveAttention:
         self.budgets = budgets
         self.rebuild_metadata = rebuild_metadata
         self.summaries: torch.Tensor | None = None
+        # when a test asks (`ThresherWorkerExtension.thresher_record_selection`): the keys written and each selection
+        self.recording: dict | None = None
         self._forward = impl.forward
         self._update = impl.do_kv_cache_update
         impl.forward = self.forward
         impl.do_kv_cache_update = self.do_kv_cache_update
+        impl.thresher_selection = self
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self._update(layer, key, value, kv_cache, slot_mapping)
@@ -74,6 +77,8 @@ class SelectiveAttention:
             log.info("thresher: attention page summaries for %d blocks, %.1f MiB per layer", kv_cache.shape[0],
                      self.summaries.numel() * self.summaries.element_size() / 2**20)
         update_summaries(self.summaries, key, slot_mapping, self.budgets.block_size)
+        if self.recording is not None:
+            self.recording["writes"].append((slot_mapping[: key.shape[0]].clone(), key.clone()))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is not None and self.budgets.active and self.summaries is not None:
@@ -87,6 +92,10 @@ class SelectiveAttention:
         rows = query.view(query.shape[0], self.impl.num_heads, -1)[metadata.query_start_loc[:-1].long()]
         block_table, lengths = select_pages(rows, self.summaries, metadata.block_table, seq_lens, budget,
                                             self.budgets.block_size, self.impl.scale)
+        if self.recording is not None:
+            self.recording["steps"].append({"query": rows.clone(), "block_table": metadata.block_table.clone(),
+                                            "seq_lens": seq_lens.clone(), "budget_pages": budget.clone(),
+                                            "compacted": block_table.clone(), "lengths": lengths.clone()})
         self.budgets.pages_read += int(((lengths + self.budgets.block_size - 1) // self.budgets.block_size)[
             budget > 0].sum())
         self.budgets.pages_total += int(((seq_lens + self.budgets.block_size - 1) // self.budgets.block_size)[

@@ -6,7 +6,8 @@ The way of a chat request through the server, start to end:
    FastAPI into `protocol.ChatCompletionRequest` (types, ranges, unknown fields; a failure is a 400 naming the
    field, see `errors`), then handed to `routes.chat_completions`.
 2. `prepare_chat` (here):
-   - checks the model name and the thresher extensions (`sparsity`, `steering`) against the artifact;
+   - checks the model name and the thresher extensions (`sparsity`, `steering`, `attention`) against the artifact
+     and the engine;
    - builds vLLM's own `ChatCompletionRequest` from the body: vLLM's tool parser (`--tool-call-parser`) reads it,
      adjusts it for `tool_choice` "required" or a named function (a JSON schema of the calls), and vLLM maps its
      `response_format` to `StructuredOutputsParams`, so constrained decoding is vLLM's;
@@ -29,9 +30,10 @@ from vllm.exceptions import VLLMValidationError
 from thresher.artifact import ArtifactError
 from thresher.engine import request_extras
 from thresher.server.errors import APIError, bad_request, vllm_rejected
-from thresher.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest, completion_id
+from thresher.server.protocol import (Applied, AttentionOptions, ChatCompletionRequest, CompletionRequest,
+                                      SamplingRequest, completion_id)
 from thresher.server.serving import ServingEngine
-from thresher.steering import SteeringError, SteeringSpec
+from thresher.steering import SteeringError
 
 # the fields of a chat request that vLLM's tool parsers and structured-output mapping read
 VLLM_READS = {"tools", "tool_choice", "parallel_tool_calls", "response_format"}
@@ -45,8 +47,7 @@ class EngineRequest:
     request_id: str
     prompt: dict  # vLLM's TokensPrompt: prompt_token_ids, and cache_salt when steered
     params: object  # vllm.SamplingParams, structured outputs and extra_args included
-    sparsity: float
-    steering: SteeringSpec | None
+    applied: Applied  # sparsity level, steering spec and attention budget
     stream: bool
     include_usage: bool
     # chat with tools: vLLM's request and a factory of its parsers (one per choice: they keep stream state)
@@ -55,7 +56,7 @@ class EngineRequest:
 
 
 async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> EngineRequest:
-    sparsity, steering = _thresher_options(body, serving)
+    applied = _thresher_options(body, serving)
     vllm_request = _vllm_chat_request(body)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     new_parser = None
@@ -77,7 +78,7 @@ async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> E
     except Exception as error:  # the template rejects some role orders
         raise bad_request(f"messages: the chat template rejects them: {error}", param="messages") from None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    prepared = _engine_request(body, serving, sparsity, steering, prompt_ids,
+    prepared = _engine_request(body, serving, applied, prompt_ids,
                                body.max_completion_tokens or body.max_tokens, logprobs, "chat.completion",
                                "messages", structured_outputs)
     if new_parser is not None:
@@ -86,7 +87,7 @@ async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> E
 
 
 async def prepare_completion(body: CompletionRequest, serving: ServingEngine) -> EngineRequest:
-    sparsity, steering = _thresher_options(body, serving)
+    applied = _thresher_options(body, serving)
     if isinstance(body.prompt, str):
         _check_length(serving, len(body.prompt), "prompt", body.max_tokens, exact=False)
         prompt_ids = await serving.tokenize(body.prompt)
@@ -95,7 +96,7 @@ async def prepare_completion(body: CompletionRequest, serving: ServingEngine) ->
         if any(not 0 <= t < vocab for t in body.prompt):
             raise bad_request(f"prompt: token ids must be within 0..{vocab - 1}", param="prompt")
         prompt_ids = list(body.prompt)
-    return _engine_request(body, serving, sparsity, steering, prompt_ids, body.max_tokens, body.logprobs,
+    return _engine_request(body, serving, applied, prompt_ids, body.max_tokens, body.logprobs,
                            "text_completion", "prompt", None)
 
 
@@ -117,8 +118,9 @@ def _vllm_chat_request(body: ChatCompletionRequest):
         raise vllm_rejected(error, "response_format") from None
 
 
-def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[float, SteeringSpec | None]:
-    """The request's sparsity level and steering spec, checked against the artifact."""
+def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> Applied:
+    """The request's sparsity level, steering spec and attention budget, checked against the artifact and the
+    engine."""
     settings = serving.settings
     if body.model != settings.served_model_name:
         raise APIError(404, f"model '{body.model}' is not served here; this server serves "
@@ -138,7 +140,17 @@ def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> tuple[fl
         except SteeringError as error:
             raise bad_request(str(error), param=error.param) from None
         steering = None if steering.is_empty() else steering.model_copy(update={"layer": serving.assets.layer})
-    return sparsity, steering
+    budget = settings.default_attention_budget if body.attention is None else body.attention.budget
+    if budget:
+        serving.check_ready()  # the engine's page size bounds the budget
+        if not serving.selects_pages:
+            raise bad_request("attention.budget: this engine's attention backend has no page selection; send 0 or "
+                              "leave attention out", param="attention.budget")
+        if budget < serving.min_attention_budget:
+            raise bad_request(f"attention.budget: {budget} tokens is less than the {serving.min_attention_budget} "
+                              f"(first page, newest pages and one chosen page of {serving.page_size} tokens) that "
+                              "selection needs; 0 means dense attention", param="attention.budget")
+    return Applied(sparsity=sparsity, steering=steering, attention=AttentionOptions(budget=budget))
 
 
 def _check_length(serving: ServingEngine, size: int, field: str, max_tokens: int | None, exact: bool) -> None:
@@ -153,8 +165,7 @@ def _check_length(serving: ServingEngine, size: int, field: str, max_tokens: int
                           f"exceed the context of {limit} tokens", param=field, code="context_length_exceeded")
 
 
-def _engine_request(body: SamplingRequest, serving: ServingEngine, sparsity: float, steering: SteeringSpec | None,
-                    prompt_ids: list[int], max_tokens: int | None, logprobs: int | None, kind: str,
+def _engine_request(body: SamplingRequest, serving: ServingEngine, applied: Applied, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None, kind: str,
                     prompt_field: str, structured_outputs) -> EngineRequest:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -162,7 +173,7 @@ def _engine_request(body: SamplingRequest, serving: ServingEngine, sparsity: flo
 
     serving.check_ready()
     _check_length(serving, len(prompt_ids), prompt_field, max_tokens, exact=True)
-    extra_args, cache_salt = request_extras(sparsity, steering)
+    extra_args, cache_salt = request_extras(applied.sparsity, applied.steering, applied.attention.budget)
     try:
         params = SamplingParams(
             n=body.n, max_tokens=max_tokens or serving.max_model_len - len(prompt_ids), temperature=body.temperature,
@@ -178,5 +189,5 @@ def _engine_request(body: SamplingRequest, serving: ServingEngine, sparsity: flo
         prompt["cache_salt"] = cache_salt
     return EngineRequest(
         kind=kind, request_id=completion_id("chatcmpl" if kind == "chat.completion" else "cmpl"), prompt=prompt,
-        params=params, sparsity=sparsity, steering=steering, stream=body.stream,
+        params=params, applied=applied, stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage))

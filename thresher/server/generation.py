@@ -15,7 +15,7 @@ from thresher import __version__
 from thresher.server.engine_request import EngineRequest
 from thresher.server.errors import APIError
 from thresher.server.metrics import ServerMetrics
-from thresher.server.protocol import Applied, Usage, now
+from thresher.server.protocol import Usage, now
 from thresher.server.serving import ServingEngine
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Generation:
         self.kind, self.params = prepared.kind, prepared.params
         self.request_id = prepared.request_id
         self.prompt_tokens = len(prepared.prompt["prompt_token_ids"])
-        self.applied = Applied(sparsity=prepared.sparsity, steering=prepared.steering).model_dump()
+        self.applied = prepared.applied.model_dump()
         self.endpoint = "/v1/chat/completions" if self.kind == "chat.completion" else "/v1/completions"
         self.completion_tokens = 0
         self.created = now()

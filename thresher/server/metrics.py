@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: requests, latencies, time to first token, tokens, levels, steering, errors."""
+"""Prometheus metrics of one server: requests, latencies, time to first token, tokens, levels, steering, attention
+budgets and the KV pages they read, errors."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ class ServerMetrics:
         self.prompt_tokens = Counter("thresher_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("thresher_generation_tokens", "Tokens generated", registry=r)
         self.sparsity = Counter("thresher_requests_by_sparsity", "Requests by sparsity level", ["level"], registry=r)
+        self.attention_budget = Counter("thresher_requests_by_attention_budget",
+                                        "Requests by attention budget (KV tokens per decode step; 0 = dense)",
+                                        ["budget"], registry=r)
+        self.pages_read = Counter("thresher_attention_pages_read",
+                                  "KV-cache pages read by decode steps under an attention budget (per layer)",
+                                  registry=r)
+        self.pages_dense = Counter("thresher_attention_pages_dense",
+                                   "KV-cache pages dense attention would have read in those steps (per layer)",
+                                   registry=r)
+        self.pages_read_fraction = Gauge("thresher_attention_pages_read_fraction",
+                                         "Fraction of KV-cache pages read by budgeted decode steps since the last "
+                                         "scrape (1 when none ran)", registry=r)
         self.steering = Counter("thresher_steered_requests", "Requests by steering kind", ["kind"], registry=r)
         self.running = Gauge("thresher_running_requests", "Requests in the engine now", registry=r)
         self.aborted = Counter("thresher_aborted_requests", "Requests aborted because the client went away",
@@ -27,8 +40,10 @@ class ServerMetrics:
         self.errors = Counter("thresher_errors", "Error responses by type and status", ["type", "status"],
                               registry=r)
 
-    def count_request_kind(self, sparsity: float, steering) -> None:
-        self.sparsity.labels(level=f"{sparsity:g}").inc()
+    def count_request_kind(self, applied) -> None:
+        self.sparsity.labels(level=f"{applied.sparsity:g}").inc()
+        self.attention_budget.labels(budget=str(applied.attention.budget)).inc()
+        steering = applied.steering
         if steering is None or steering.is_empty():
             self.steering.labels(kind="none").inc()
             return
@@ -39,6 +54,11 @@ class ServerMetrics:
 
     def count_error(self, error) -> None:
         self.errors.labels(type=error.type, status=str(error.status)).inc()
+
+    def count_pages(self, read: int, dense: int) -> None:
+        self.pages_read.inc(read)
+        self.pages_dense.inc(dense)
+        self.pages_read_fraction.set(read / dense if dense else 1.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

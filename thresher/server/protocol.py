@@ -1,7 +1,7 @@
-"""The OpenAI wire format thresher speaks, with its two extensions: `sparsity` and `steering`.
+"""The OpenAI wire format thresher speaks, with its three extensions: `sparsity`, `steering` and `attention`.
 
 Request models validate types and ranges (a failure is a 400 naming the field); responses mirror OpenAI's and add
-the sparsity level and steering spec that were applied.
+the sparsity level, steering spec and attention budget that were applied.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ STEERING_DESCRIPTION = ("thresher: directions added to the residual stream after
                         f"{MAX_VECTORS} vectors, strengths finite and within ±{MAX_STRENGTH:g}. A feature may be "
                         "clamped instead (`clamp`: its activation set to the value, 0 removes it; a feature clamped "
                         "twice ends at the last value).")
+ATTENTION_DESCRIPTION = ("thresher: KV-cache tokens each decode step of this request reads (`budget`; 0 = dense "
+                         "attention). The first and newest pages are always read, the rest chosen per step by how "
+                         "much attention they can draw; a context within the budget, and every prompt, is read "
+                         "whole. Rounded down to whole KV pages (GET /v1/models gives the page size and the least "
+                         "budget). Default: the server's --attention-budget.")
 
 
 def _integral(value):
@@ -68,6 +73,10 @@ class SteeringSpec(steering.SteeringSpec, Strict):
     vectors: list[VectorTerm] = Field(default_factory=list)
 
 
+class AttentionOptions(Strict):
+    budget: integer(ge=0) = Field(description="KV-cache tokens read per decode step; 0 = dense attention.")
+
+
 # vLLM samples one choice greedily: n > 1 needs a temperature above 0
 GREEDY_IS_ONE_CHOICE = {"if": {"required": ["temperature"], "properties": {"temperature": {"const": 0}}},
                         "then": {"properties": {"n": {"const": 1}}}}
@@ -93,6 +102,7 @@ class SamplingRequest(Strict):
     ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past end-of-sequence.")
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0, description=SPARSITY_DESCRIPTION)
     steering: SteeringSpec | None = Field(default=None, description=STEERING_DESCRIPTION)
+    attention: AttentionOptions | None = Field(default=None, description=ATTENTION_DESCRIPTION)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -286,6 +296,7 @@ class Applied(BaseModel):
 
     sparsity: float
     steering: SteeringSpec | None
+    attention: AttentionOptions
 
 
 def completion_id(prefix: str) -> str:

@@ -69,7 +69,8 @@ async def health(serving: Serving) -> Response:
 
 @public.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def prometheus(metrics: Metrics) -> Response:
+async def prometheus(metrics: Metrics, serving: Serving) -> Response:
+    metrics.count_pages(*await serving.attention_pages())
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -89,6 +90,9 @@ async def list_models(serving: Serving) -> dict:
         "id": settings.served_model_name, "object": "model", "created": now(), "owned_by": "thresher",
         "max_model_len": serving.max_model_len, "sparsity_levels": serving.artifact.levels,
         "default_sparsity": settings.default_sparsity, "steering_layer": serving.assets.layer,
+        "attention": {"selects_pages": serving.selects_pages, "page_size": serving.page_size,
+                      "min_budget": serving.min_attention_budget if serving.selects_pages else None,
+                      "default_budget": settings.default_attention_budget},
     }]}
 
 
@@ -132,7 +136,7 @@ async def completions(body: CompletionRequest, request: Request, serving: Servin
 
 async def _respond(prepared: EngineRequest, request: Request, serving: ServingEngine,
                    metrics: ServerMetrics) -> Response:
-    metrics.count_request_kind(prepared.sparsity, prepared.steering)
+    metrics.count_request_kind(prepared.applied)
     generation = Generation(serving, metrics, request, prepared)
     if not prepared.stream:
         return JSONResponse(await generation.collect())

