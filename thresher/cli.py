@@ -16,7 +16,7 @@ from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_L
 from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
-from thresher.calibration.report import print_report, print_sweep
+from thresher.calibration.report import print_long_context, print_report, print_sweep
 from thresher.calibration.steering_eval import SweepConfig
 from thresher.calibration.thresholds import METHODS
 
@@ -136,7 +136,18 @@ def calibrate_command(
 
 @app.command("eval")
 def eval_command(
-    artifact: Annotated[list[Path], typer.Option(help="Artifact directory; repeat to compare methods.")],
+    artifact: Annotated[Optional[list[Path]], typer.Option(
+        help="Artifact directory; repeat to compare methods.")] = None,
+    long_context: Annotated[bool, typer.Option(
+        "--long-context", help="Score attention budgets instead: perplexity and KL from dense attention over long "
+                               "held-out windows, beside StreamingLLM at the same budget (no artifact needed).")] = False,
+    context: Annotated[Optional[int], typer.Option(help="--long-context: window length in tokens; default: the "
+                                                        "model's context.")] = None,
+    budgets: Annotated[str, typer.Option(help="--long-context: attention budgets in tokens, comma-separated.")] = (
+        "256,512,1024,2048"),
+    windows: Annotated[int, typer.Option(min=1, help="--long-context: windows scored.")] = 1,
+    page_size: Annotated[int, typer.Option(min=1, help="--long-context: tokens per KV page (vLLM's block size: "
+                                                       "16 on GPUs).")] = 16,
     model: ModelOption = None,
     data: DataOption = None,
     max_tokens: Annotated[int, typer.Option(help="Held-out evaluation tokens.")] = 16384,
@@ -146,11 +157,28 @@ def eval_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Perplexity of the dense model and of every calibrated level, with its KL divergence from the dense model and
-    its measured sparsity (and, for an artifact with an SAE, the SAE's held-out quality)."""
+    its measured sparsity (and, for an artifact with an SAE, the SAE's held-out quality); with --long-context, the
+    quality of attention budgets over long windows."""
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
     from thresher.models import ModelError
 
+    if long_context:
+        from thresher.calibration.long_context import long_context_eval
+
+        try:
+            parsed = [int(b) for b in budgets.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated token counts, got {budgets!r}",
+                                     param_hint="--budgets") from None
+        try:
+            result = long_context_eval(model, data, context, parsed, windows, page_size, report_dir, device)
+        except (ModelError, DataError, ValueError) as error:
+            _fail_on_user_error(error)
+        print(json.dumps(result)) if as_json else print_long_context(result, console)
+        return
+    if not artifact:
+        raise typer.BadParameter("give an artifact directory, or --long-context", param_hint="--artifact")
     try:
         report = evaluate_artifacts(artifact, model=model, data_path=data, eval_tokens=max_tokens,
                                     report_dir=report_dir, device=device)
@@ -303,7 +331,8 @@ def serve_command(
                                                  "artifact's levels; 0 = dense).")] = 0.0,
     attention_budget: Annotated[int, typer.Option(
         min=0, help="Default attention budget for requests that name none: KV-cache tokens each decode step reads "
-                    "(the first and newest pages, and the pages that can draw the most attention); 0 = dense. "
+                    "(the first and newest pages, and the pages that can draw the most attention); 0 = dense, "
+                    "else at least 128. "
                     "Requests set their own with {\"attention\": {\"budget\": N}}.")] = 0,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length; default: the model's.")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,

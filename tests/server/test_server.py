@@ -145,12 +145,48 @@ def test_concurrent_requests_with_mixed_steering_each_get_their_own_result(serve
     ({"steering": {"features": [{"id": 1}]}}, "steering.features.0"),
     ({"steering": {"features": "all"}}, "steering.features"),
     ({"steering": {"layer": 2, "vectors": [{"name": "formal", "strength": 1.0}]}}, "steering.layer"),
+    ({"attention": {"budget": -1}}, "attention.budget"),
+    ({"attention": {"budget": 1.5}}, "attention.budget"),
+    ({"attention": {"budget": "256"}}, "attention.budget"),
+    ({"attention": {"budget": 64}}, "attention.budget"),
+    ({"attention": {"budget": 256, "window": 64}}, "attention.window"),
+    ({"attention": 256}, "attention"),
 ])
 def test_bad_extensions_are_400s_naming_the_field(server, extra, param):
     with pytest.raises(openai.BadRequestError) as error:
         _chat(server.client(), **extra)
     assert error.value.status_code == 400 and error.value.body["param"] == param, error.value.body
     assert error.value.body["type"] == "invalid_request_error" and error.value.body["message"]
+
+
+def test_attention_budget_reads_fewer_pages_and_is_echoed(server):
+    """A 400-token prompt: a budget covering the context decodes as dense attention does (both after the same
+    prompt was cached); a 128-token budget reads 4 of its 13-14 pages per step, as the metrics show."""
+    from thresher.data import default_texts
+
+    client = server.client()
+    assert client.models.list().data[0].model_extra["attention"] == {
+        "selects_pages": True, "page_size": 32, "min_budget": 128, "default_budget": 0}
+    prompt = default_texts("evaluation")[0][:1800]
+
+    def complete(budget=None):
+        extra = None if budget is None else {"attention": {"budget": budget}}
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.0,
+                                         extra_body=extra)
+
+    first = complete()
+    assert first.model_extra["attention"] == {"budget": 0} and 350 < first.usage.prompt_tokens < 500
+    dense, covered = complete(), complete(512)
+    assert covered.model_extra["attention"] == {"budget": 512}
+    assert covered.choices[0].text == dense.choices[0].text
+    read, total = (server.metric(f"thresher_attention_pages_{name}_total") for name in ("read", "dense"))
+    assert read == total > 0
+    small = complete(128)
+    assert small.model_extra["attention"] == {"budget": 128} and small.choices[0].text
+    more_read, more_total = (server.metric(f"thresher_attention_pages_{name}_total") for name in ("read", "dense"))
+    assert 0.25 < (more_read - read) / (more_total - total) < 0.35
+    assert server.metric("thresher_attention_pages_read_fraction") < 0.35
+    assert server.metric('thresher_requests_by_attention_budget_total{budget="128"}') == 1
 
 
 def test_non_finite_strength_is_a_400(server):
@@ -198,7 +234,7 @@ def test_catalog_vectors_models_and_schema(server):
     vectors = httpx.get(f"{server.api}/steering/vectors", headers=headers).json()["data"]
     assert {v["name"] for v in vectors} == {"formal", "positive", "terse"}
     schema = httpx.get(f"{server.base_url}/openapi.json").json()["components"]["schemas"]
-    assert {"sparsity", "steering"} <= set(schema["ChatCompletionRequest"]["properties"])
+    assert {"sparsity", "steering", "attention"} <= set(schema["ChatCompletionRequest"]["properties"])
     assert "SteeringSpec" in schema
 
 

@@ -113,3 +113,14 @@ def print_sweep(result: dict, console: Console | None = None) -> None:
     console.print(f"features whose activation rises with strength: {summary['features_monotonic_when_added']:.0%} "
                   f"added, {summary['features_monotonic_when_clamped']:.0%} clamped; clamping's best combined score "
                   f"beats adding's for {summary['clamp_beats_add']:.0%}")
+
+
+def print_long_context(result: dict, console: Console | None = None) -> None:
+    table = Table(title=f"{result['model']}: attention budgets over {result['windows']} held-out window(s) of "
+                        f"{result['context']} tokens, {result['page_size']}-token pages, scored beyond each budget")
+    for column in ("budget", "method", "perplexity", "dense", "change", "KL"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in result["rows"]:
+        table.add_row(str(r["budget"]), r["method"], f"{r['perplexity']:.3f}", f"{r['dense_perplexity']:.3f}",
+                      f"{r['perplexity_change']:+.2%}", f"{r['kl']:.4f}")
+    (console or Console()).print(table)

@@ -20,6 +20,9 @@ SINK_PAGES = 1
 RECENT_PAGES = 2  # the page being written and the one before it
 # The smallest budget that leaves a page to choose, in pages; a budget of 0 means dense attention.
 MIN_BUDGET_PAGES = SINK_PAGES + RECENT_PAGES + 1
+# The smallest budget in tokens a request may ask for: MIN_BUDGET_PAGES pages of up to 32 tokens (vLLM's blocks are
+# 16 tokens on GPUs, thresher's 32 on the CPU).
+MIN_BUDGET_TOKENS = 128
 
 
 def new_summaries(num_blocks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
@@ -48,15 +51,19 @@ def update_summaries(summaries: torch.Tensor, key: torch.Tensor, slot_mapping: t
     summaries[:, :, 1].scatter_reduce_(0, index, key, "amax")
 
 
-def _page_mass(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, candidate: torch.Tensor,
-               scale: float) -> torch.Tensor:
+def page_mass(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, candidate: torch.Tensor,
+              scale: float) -> torch.Tensor:
     """Estimated attention mass of each page, summed over query heads.
 
     query `[..., heads, head_size]`; minimum/maximum `[..., pages, kv_heads, head_size]`; candidate `[..., pages]`.
+    The bound `sum_d max(q_d * min_d, q_d * max_d)` is taken as `q . center + |q| . radius`, two matmuls.
     """
     kv_heads = minimum.shape[-2]
-    grouped = query.float().unflatten(-2, (kv_heads, -1)).unsqueeze(-4)  # [..., 1, kv_heads, group, head_size]
-    bound = torch.maximum(grouped * minimum.float().unsqueeze(-2), grouped * maximum.float().unsqueeze(-2)).sum(-1)
+    grouped = query.float().unflatten(-2, (kv_heads, -1))  # [..., kv_heads, group, head_size]
+    center = (maximum.float() + minimum.float()) / 2
+    radius = (maximum.float() - minimum.float()) / 2
+    bound = (torch.einsum("...hgd,...phd->...phg", grouped, center)
+             + torch.einsum("...hgd,...phd->...phg", grouped.abs(), radius))
     bound = bound.flatten(-2) * scale  # [..., pages, heads]
     bound = bound.masked_fill(~candidate.unsqueeze(-1), -math.inf)
     mass = torch.softmax(bound, dim=-2).nan_to_num(0.0)  # a sequence without candidates has no mass to share
@@ -75,7 +82,7 @@ def reference_selection(query: torch.Tensor, keys: torch.Tensor, budget_pages: i
     maximum = torch.stack([page.amax(0) for page in pages])
     candidates = range(SINK_PAGES, num_pages - RECENT_PAGES)
     candidate = torch.tensor([p in candidates for p in range(num_pages)])
-    mass = _page_mass(query, minimum, maximum, candidate, scale)
+    mass = page_mass(query, minimum, maximum, candidate, scale)
     chosen = torch.topk(mass[SINK_PAGES : num_pages - RECENT_PAGES], budget_pages - SINK_PAGES - RECENT_PAGES)
     middle = [SINK_PAGES + int(i) for i in chosen.indices]
     return sorted([*range(SINK_PAGES), *middle, *range(num_pages - RECENT_PAGES, num_pages)])
@@ -96,7 +103,7 @@ def select_pages(query: torch.Tensor, summaries: torch.Tensor, block_table: torc
     page = torch.arange(width, device=block_table.device)
     blocks = block_table[:, :width].to(torch.long)
     candidate = (page >= SINK_PAGES) & (page < (num_pages - RECENT_PAGES).unsqueeze(1))
-    mass = _page_mass(query, summaries[blocks, :, 0], summaries[blocks, :, 1], candidate, scale)
+    mass = page_mass(query, summaries[blocks, :, 0], summaries[blocks, :, 1], candidate, scale)
     picks = (budget_pages - SINK_PAGES - RECENT_PAGES).clamp_min(0)
     most = int(picks.max())
     keep = (page < SINK_PAGES) | (page >= (num_pages - RECENT_PAGES).unsqueeze(1))

@@ -142,14 +142,10 @@ def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> Applied:
         steering = None if steering.is_empty() else steering.model_copy(update={"layer": serving.assets.layer})
     budget = settings.default_attention_budget if body.attention is None else body.attention.budget
     if budget:
-        serving.check_ready()  # the engine's page size bounds the budget
+        serving.check_ready()
         if not serving.selects_pages:
-            raise bad_request("attention.budget: this engine's attention backend has no page selection; send 0 or "
-                              "leave attention out", param="attention.budget")
-        if budget < serving.min_attention_budget:
-            raise bad_request(f"attention.budget: {budget} tokens is less than the {serving.min_attention_budget} "
-                              f"(first page, newest pages and one chosen page of {serving.page_size} tokens) that "
-                              "selection needs; 0 means dense attention", param="attention.budget")
+            raise bad_request("attention.budget: this engine's attention has no page selection; send 0 or leave "
+                              "attention out", param="attention.budget")
     return Applied(sparsity=sparsity, steering=steering, attention=AttentionOptions(budget=budget))
 
 

@@ -31,8 +31,8 @@ class ServerMetrics:
                                    "KV-cache pages dense attention would have read in those steps (per layer)",
                                    registry=r)
         self.pages_read_fraction = Gauge("thresher_attention_pages_read_fraction",
-                                         "Fraction of KV-cache pages read by budgeted decode steps since the last "
-                                         "scrape (1 when none ran)", registry=r)
+                                         "Fraction of KV-cache pages read by the budgeted decode steps between the "
+                                         "last two scrapes that saw any", registry=r)
         self.steering = Counter("thresher_steered_requests", "Requests by steering kind", ["kind"], registry=r)
         self.running = Gauge("thresher_running_requests", "Requests in the engine now", registry=r)
         self.aborted = Counter("thresher_aborted_requests", "Requests aborted because the client went away",
@@ -58,7 +58,8 @@ class ServerMetrics:
     def count_pages(self, read: int, dense: int) -> None:
         self.pages_read.inc(read)
         self.pages_dense.inc(dense)
-        self.pages_read_fraction.set(read / dense if dense else 1.0)
+        if dense:
+            self.pages_read_fraction.set(read / dense)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

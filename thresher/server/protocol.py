@@ -15,6 +15,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
                       model_validator)
 
 from thresher import steering
+from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
 from thresher.steering import MAX_FEATURES, MAX_STRENGTH, MAX_VECTORS
 
 SPARSITY_DESCRIPTION = ("thresher: fraction of projection weights to skip for this request's decode steps; one of "
@@ -29,8 +30,8 @@ STEERING_DESCRIPTION = ("thresher: directions added to the residual stream after
 ATTENTION_DESCRIPTION = ("thresher: KV-cache tokens each decode step of this request reads (`budget`; 0 = dense "
                          "attention). The first and newest pages are always read, the rest chosen per step by how "
                          "much attention they can draw; a context within the budget, and every prompt, is read "
-                         "whole. Rounded down to whole KV pages (GET /v1/models gives the page size and the least "
-                         "budget). Default: the server's --attention-budget.")
+                         "whole. Rounded down to whole KV pages (GET /v1/models gives their size). Default: the "
+                         "server's --attention-budget.")
 
 
 def _integral(value):
@@ -74,7 +75,17 @@ class SteeringSpec(steering.SteeringSpec, Strict):
 
 
 class AttentionOptions(Strict):
-    budget: integer(ge=0) = Field(description="KV-cache tokens read per decode step; 0 = dense attention.")
+    budget: integer(ge=0) = Field(
+        description=f"KV-cache tokens read per decode step: 0 (dense attention) or at least {MIN_BUDGET_TOKENS}.",
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_BUDGET_TOKENS}]})
+
+    @field_validator("budget")
+    @classmethod
+    def _selectable(cls, budget: int) -> int:
+        if 0 < budget < MIN_BUDGET_TOKENS:
+            raise ValueError(f"a budget of {budget} tokens leaves no page to choose: send 0 (dense attention) or at "
+                             f"least {MIN_BUDGET_TOKENS}")
+        return budget
 
 
 # vLLM samples one choice greedily: n > 1 needs a temperature above 0

