@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from thresher.kernels.reference import (ADD_RMS_NORM, PLAIN, SILU_MUL, produce_reference,  # noqa: E402
-                                        sparse_linear_reference, threshold_activations)
+from thresher.kernels.reference import (ADD_RMS_NORM, PLAIN, SILU_MUL, dequantized, fp8_weight,  # noqa: E402
+                                        produce_reference, sparse_linear_reference, threshold_activations)
 from thresher.kernels.triton_producers import produce_thresholded  # noqa: E402
 from thresher.kernels.triton_sparse import sparse_gemv  # noqa: E402
 
@@ -52,6 +52,41 @@ def test_matches_reference_with_mixed_levels(rows, k, n, dtype):
     x, w, thresholds, levels = _case(rows, k, n, dtype)
     y = sparse_gemv(x, w.t().contiguous(), thresholds, levels)
     _check(y, _reference(x, w, thresholds, levels), dtype)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_fp8_weights_match_the_dequantized_reference(rows, dtype, per_channel):
+    """FP8 weight rows gathered and widened in registers, the scales applied per output channel (or one for the
+    tensor, as vLLM's online --quantization fp8 makes them)."""
+    for k, n in SHAPES:
+        x, w, thresholds, levels = _case(rows, k, n, dtype)
+        w8, scale = fp8_weight(w, per_channel)
+        y = sparse_gemv(x, w8.t().contiguous(), thresholds, levels, weight_scale=scale)
+        _check(y, _reference(x, dequantized(w8, scale), thresholds, levels), dtype)
+
+
+@pytest.mark.parametrize("producer", [SILU_MUL, ADD_RMS_NORM])
+def test_fp8_weights_take_their_input_from_the_producers(producer):
+    dtype = torch.bfloat16
+    for k, n in PRODUCER_SHAPES[producer]:
+        source, w, thresholds, levels, residual, norm_weight = _producer_case(producer, 2, k, n, dtype)
+        w8, scale = fp8_weight(w)
+        residual_out = torch.empty_like(residual)
+        y = sparse_gemv(source, w8.t().contiguous(), thresholds, levels, producer=producer, residual=residual,
+                        norm_weight=norm_weight, eps=1e-5, residual_out=residual_out, weight_scale=scale, dtype=dtype)
+        x_rows, _ = produce_thresholded(producer, source, thresholds, levels, dtype, residual, norm_weight, 1e-5)
+        _check(y, x_rows.double() @ dequantized(w8, scale).double().t(), dtype)
+
+
+def test_fp8_weights_need_their_scales():
+    x, w, thresholds, levels = _case(1, 64, 96, torch.bfloat16)
+    w8, scale = fp8_weight(w)
+    with pytest.raises(ValueError, match="weight_scale"):
+        sparse_gemv(x, w8.t().contiguous(), thresholds, levels)
+    with pytest.raises(ValueError, match="weight_scale"):
+        sparse_gemv(x, w.t().contiguous(), thresholds, levels, weight_scale=scale)
 
 
 @pytest.mark.parametrize("rows", [1, 4])

@@ -45,6 +45,20 @@ def sparse_linear_reference(
     return torch.nn.functional.linear(threshold_activations(x, t), weight)
 
 
+def fp8_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W in float8_e4m3fn, fp32 scales `[out]`, or one) as vLLM's FP8 linear layers hold it: W ~ W8 * scale, each
+    output channel (or the whole tensor) scaled so that its largest magnitude is e4m3's largest, 448."""
+    largest = weight.abs().float().amax(dim=1) if per_channel else weight.abs().float().amax().reshape(1)
+    scale = largest.clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    quantized = (weight.float() / (scale[:, None] if per_channel else scale)).to(torch.float8_e4m3fn)
+    return quantized, scale
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights an FP8 weight `[out, in]` and its scales (`[out]` or one) stand for."""
+    return weight.float() * scale.float().reshape(-1, 1)
+
+
 def silu_mul_reference(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """SiLU-and-multiply of a projection's output `[rows, 2K]` (gate, then up), rounded to `dtype` first, as the
     producer kernels compute it: silu(g) * u in fp32, rounded once."""

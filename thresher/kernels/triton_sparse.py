@@ -114,18 +114,19 @@ def _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok
 def _accumulate(acc, x, w, NATIVE_DOT: tl.constexpr):
     if NATIVE_DOT:
         # tensor cores on the half-precision tiles, fp32 accumulation: even a single row is cheaper padded to
-        # BLOCK_B rows this way than as fp32 multiply-adds (fewer registers, no conversions)
-        return acc + tl.dot(x, w)
+        # BLOCK_B rows this way than as fp32 multiply-adds (fewer registers, no conversions). FP8 weight rows are
+        # widened to x's dtype in registers, exactly (every e4m3 value is a bf16 and an fp16 value)
+        return acc + tl.dot(x, w.to(x.dtype))
     # the CPU interpreter gets bf16 products wrong (numpy has no bfloat16), so it multiplies in fp32
     return acc + tl.dot(x.to(tl.float32), w.to(tl.float32))
 
 
 @triton.jit
 def _gather_gemv(
-    wt_ptr, live_ptr, values_ptr, counts_ptr, y_ptr,
+    wt_ptr, scale_ptr, live_ptr, values_ptr, counts_ptr, y_ptr,
     B, K, N, chunk,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,6 +155,8 @@ def _gather_gemv(
             ks = tl.load(live_ptr + base + slots, mask=slots < count, other=0)
             x, w = _load_tiles(wt_ptr, values_ptr, ks, slots, count, rows, cols, row_ok, col_ok, base, K, N)
             acc = _accumulate(acc, x, w, NATIVE_DOT)
+    if HAS_SCALE:  # FP8 weights: one scale per output channel, applied once to the chunk's partial sums
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     tl.atomic_add(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :],
                   sem="relaxed")
 
@@ -181,9 +184,13 @@ def sparse_gemv(
     x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor | None = None, levels: torch.Tensor | None = None,
     config=None, *, producer: int = PLAIN, residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual_out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = threshold(x) @ Wt in fp32, for x `[rows <= 16, K]`, Wt `[K, N]`, thresholds `[L, K]` fp32, levels `[rows]`
     int.
+
+    FP8 weights (`float8_e4m3fn` Wt with `weight_scale`, fp32 `[N]` or one value: y = threshold(x) @ (Wt * scale))
+    take their activations in `dtype` (default: x's), gather the kept FP8 rows and widen them in registers.
 
     Without thresholds, x is taken as already thresholded (the engine thresholds where Inductor can fuse it into
     the producer of x) and the channels where every row is zero are skipped.
@@ -205,12 +212,20 @@ def sparse_gemv(
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, Wt {tuple(wt.shape)}")
     if producer == ADD_RMS_NORM and (residual is None or norm_weight is None or residual_out is None):
         raise ValueError("ADD_RMS_NORM needs residual, norm_weight and residual_out")
+    fp8 = wt.dtype == torch.float8_e4m3fn
+    if fp8 != (weight_scale is not None):
+        raise ValueError("FP8 weights need their weight_scale, and only they take one")
+    dtype = dtype or (wt.dtype if not fp8 else x.dtype)
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"activations must be fp16 or bf16, got {dtype}")
+    if fp8:
+        weight_scale = weight_scale.float().reshape(-1).expand(n).contiguous()
     block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n)
     pdl = supports_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
     live = torch.empty(k, dtype=torch.int32, device=x.device)
-    values = torch.empty((rows, k), dtype=wt.dtype, device=x.device)
+    values = torch.empty((rows, k), dtype=dtype, device=x.device)
     counts = torch.empty(chunks, dtype=torch.int32, device=x.device)
     y = torch.empty((rows, n), dtype=torch.float32, device=x.device)
     total = rows * n
@@ -225,11 +240,11 @@ def sparse_gemv(
         rows, k, chunk, chunks, total,
         BLOCK_B=block_b, CHUNK=triton.next_power_of_2(chunk),
         HAS_THRESHOLDS=has_thresholds, USE_GDC=pdl, ZERO_BLOCK=ZERO_BLOCK, PRODUCER=producer,
-        DTYPE=TRITON_DTYPES[wt.dtype], NORM_BLOCK=norm_block(k, block_b), launch_pdl=pdl, num_warps=warps,
+        DTYPE=TRITON_DTYPES[dtype], NORM_BLOCK=norm_block(k, block_b), launch_pdl=pdl, num_warps=warps,
     )
     _gather_gemv[(triton.cdiv(n, block_n), chunks)](
-        wt, live, values, counts, y, rows, k, n, chunk,
+        wt, weight_scale if fp8 else y, live, values, counts, y, rows, k, n, chunk,
         BLOCK_B=MAX_BATCH, BLOCK_K=block_k, BLOCK_N=block_n, STAGES=stages, NATIVE_DOT=x.is_cuda,
-        num_warps=num_warps, USE_GDC=pdl, launch_pdl=pdl,
+        num_warps=num_warps, USE_GDC=pdl, launch_pdl=pdl, HAS_SCALE=fp8,
     )
     return y
