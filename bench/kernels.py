@@ -1,6 +1,6 @@
 """Sparse decode GEMV against dense cuBLAS on Llama-3-8B projection shapes (GPU machine).
 
-    python bench/kernels.py [--out results/kernels.json] [--sweep]
+    python bench/kernels.py [--out results/kernels.json] [--sweep] [--quantization fp8]
 
 For each shape, batch and sparsity: dense `torch.nn.functional.linear` and `thresher.kernels.sparse_gemv`, timed in
 the same run with `triton.testing.do_bench` (median) replaying CUDA graphs, on rotating weight copies so no run
@@ -11,6 +11,10 @@ thresher's time is what the engine runs for a projection: the kernel's launches,
 whose cast to bf16 the engine's next kernel (RMSNorm, SiLU-and-multiply) does as it reads it, as the dense
 baseline's output is read by that same kernel.
 `--sweep` first searches kernel launch configurations per shape and batch and uses the best.
+
+`--quantization fp8`: e4m3 weights with per-output-channel scales. The baseline is then vLLM's own FP8 GEMM as its
+FP8 linear layers run it on Hopper (dynamic per-token FP8 quantization of x, then CUTLASS's scaled matmul; needs the
+vLLM pack on the GPU machine), with dense bf16 cuBLAS beside it; thresher's kernel gathers the kept FP8 rows.
 """
 
 from __future__ import annotations
@@ -34,13 +38,29 @@ L2_DEFEAT_BYTES = 400 * 2**20
 
 
 class Rotating:
-    """Weight copies cycled call by call, enough that a full cycle exceeds L2."""
+    """Weight copies cycled call by call, enough that a full cycle exceeds L2 (in FP8 with --quantization fp8,
+    plus the bf16 copies the bf16 baseline reads)."""
 
-    def __init__(self, k: int, n: int, dtype):
+    def __init__(self, k: int, n: int, dtype, fp8: bool = False):
         bytes_per = k * n * torch.finfo(dtype).bits // 8
-        self.count = max(1, math.ceil(L2_DEFEAT_BYTES / bytes_per))
+        self.count = max(1, math.ceil(L2_DEFEAT_BYTES / (bytes_per // 2 if fp8 else bytes_per)))
         self.w = [torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k) for _ in range(self.count)]
-        self.wt = [w.t().contiguous() for w in self.w]
+        self.scale = None
+        if fp8:
+            from thresher.kernels.reference import fp8_weight
+
+            quantized = [fp8_weight(w) for w in self.w]
+            self.w8 = [w8 for w8, _ in quantized]  # [N, K]: its .t() is the column-major B CUTLASS takes
+            self.scale = [scale for _, scale in quantized]
+        self.wt = [w.t().contiguous() for w in (self.w8 if fp8 else self.w)]
+
+    def vllm_fp8(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """vLLM's FP8 linear on Hopper: x quantized per token on the fly, then CUTLASS's scaled matmul."""
+        from vllm import _custom_ops as ops
+
+        x_q, x_scale = ops.scaled_fp8_quant(x, use_per_token_if_dynamic=True)
+        return ops.cutlass_scaled_mm(x_q, self.w8[i].t(), scale_a=x_scale, scale_b=self.scale[i].view(1, -1),
+                                     out_dtype=x.dtype)
 
 
 def make_inputs(batch: int, k: int, sparsity: float, dtype):
@@ -94,16 +114,18 @@ def main() -> None:
     parser.add_argument("--out", default="results/kernels.json")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    fp8 = args.quantization == "fp8"
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    results = {"device": device, "dtype": args.dtype, "configs": {}, "rows": []}
+    results = {"device": device, "dtype": args.dtype, "quantization": args.quantization, "configs": {}, "rows": []}
     for name, (k, n) in SHAPES.items():
-        rot = Rotating(k, n, dtype)
+        rot = Rotating(k, n, dtype, fp8)
         for batch in BATCHES:
             config = _launch_config(k, n)
-            if args.sweep and batch <= 2:
+            if args.sweep and batch <= 2 and not fp8:
                 found = sweep_configs(k, n, batch, rot, dtype)
                 if found:
                     config = found[1]
@@ -111,20 +133,29 @@ def main() -> None:
             results["configs"][f"{name}/{batch}"] = list(config)
             for sparsity in SPARSITIES:
                 x, thresholds, levels = make_inputs(batch, k, sparsity, dtype)
-                dense_ms = time_ms(lambda i: torch.nn.functional.linear(x, rot.w[i]), rot)
-                sparse_ms = time_ms(lambda i: sparse_gemv(x, rot.wt[i], thresholds, levels, config=config), rot, rep=30)
+                bf16_ms = time_ms(lambda i: torch.nn.functional.linear(x, rot.w[i]), rot)
+                dense_ms = time_ms(lambda i: rot.vllm_fp8(x, i), rot) if fp8 else bf16_ms
+                sparse_ms = time_ms(lambda i: sparse_gemv(x, rot.wt[i], thresholds, levels, config=config,
+                                                          weight_scale=rot.scale[i] if fp8 else None), rot, rep=30)
                 union = float((x.abs() > thresholds[1]).any(0).float().mean()) if sparsity > 0 else 1.0
-                weight_bytes = k * n * torch.finfo(dtype).bits // 8
+                weight_bytes = k * n * (1 if fp8 else torch.finfo(dtype).bits // 8)
                 results["rows"].append({
                     "shape": name, "K": k, "N": n, "batch": batch, "sparsity": sparsity, "kept_union": round(union, 4),
                     "dense_us": round(dense_ms * 1e3, 2), "sparse_us": round(sparse_ms * 1e3, 2),
+                    "bf16_dense_us": round(bf16_ms * 1e3, 2),
+                    # the bytes-read bound: the weight bytes each path must read at the least
+                    "dense_weight_MB": round(weight_bytes / 1e6, 2),
+                    "sparse_weight_MB": round(weight_bytes * union / 1e6, 2),
                     "dense_GBps": round(weight_bytes / dense_ms / 1e6, 1),
                     "sparse_effective_GBps": round(weight_bytes * union / sparse_ms / 1e6, 1),
                     "speedup": round(dense_ms / sparse_ms, 3),
+                    "speedup_vs_bf16": round(bf16_ms / sparse_ms, 3),
                 })
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\n{device}, {args.dtype}; speedup = dense cuBLAS time / thresher time (median, do_bench)")
+    baseline = "vLLM's FP8 GEMM (per-token x quantization + CUTLASS)" if fp8 else "dense cuBLAS"
+    print(f"\n{device}, {args.dtype}, weights {args.quantization}; speedup = {baseline} time / thresher time "
+          "(median, do_bench)")
     print("shape    batch " + " ".join(f"{int(s * 100):>5}%" for s in SPARSITIES))
     for name in SHAPES:
         for batch in BATCHES:
