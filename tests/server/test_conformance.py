@@ -56,6 +56,8 @@ THRESHER_ONLY = {
     "data.*.sparsity_levels": "thresher's extension: the artifact's calibrated levels",
     "data.*.default_sparsity": "thresher's extension",
     "data.*.steering_layer": "thresher's extension",
+    "attention": "thresher's extension: the attention budget applied",
+    "data.*.attention": "thresher's extension: attention budgets (page size, least and default budget)",
 }
 VLLM_ONLY = {
     # vLLM's fields outside OpenAI's API, for vLLM-only request fields or features (null in these answers)
