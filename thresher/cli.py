@@ -229,13 +229,17 @@ def steering_eval_command(
 
 
 def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool) -> dict:
+    from thresher.kernels.page_selection import summary_bytes_per_kv_byte
+
     if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
         kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
     args = {"gpu_memory_utilization": gpu_memory_utilization or 0.9}
     if kv_cache_gib is not None:
         if kv_cache_gib <= 0:
             raise typer.BadParameter(f"must be positive, got {kv_cache_gib}", param_hint="--kv-cache-gib")
-        args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        # on the CPU the attention page summaries sit beside the cache: the two together take --kv-cache-gib
+        share = 0.0 if on_gpu else summary_bytes_per_kv_byte(CPU_BLOCK_SIZE)
+        args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30 / (1 + share))
     return args
 
 
@@ -340,8 +344,9 @@ def serve_command(
         help="Fraction of accelerator memory (on CPU: of the first NUMA node's RAM) for weights and KV cache; "
              "default 0.9 on GPU. On CPU the KV cache is sized by --kv-cache-gib unless this is given.")] = None,
     kv_cache_gib: Annotated[Optional[float], typer.Option(
-        help="KV cache size in GiB, overriding --gpu-memory-utilization; default on CPU: 2 (a fraction of RAM "
-             "breaks on machines whose NUMA node reports only part of their memory).")] = None,
+        help="KV cache size in GiB, overriding --gpu-memory-utilization, the attention budgets' page summaries "
+             "included (1/32 of the cache on the CPU); default on CPU: 2 (a fraction of RAM breaks on machines whose "
+             "NUMA node reports only part of their memory).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
     enforce_eager: Annotated[Optional[bool], typer.Option(

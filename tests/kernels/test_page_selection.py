@@ -3,7 +3,8 @@
 import torch
 
 from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, new_summaries,
-                                             reference_selection, select_pages, update_summaries)
+                                             reference_selection, select_pages, summary_bytes_per_kv_byte,
+                                             update_summaries)
 
 BLOCK, KV_HEADS, HEADS, HEAD = 16, 2, 6, 32
 SCALE = HEAD**-0.5
@@ -83,3 +84,12 @@ def test_a_reused_block_starts_a_fresh_summary():
     update_summaries(summaries, more, slots[5:6], BLOCK)  # a decode step continues the block
     both = torch.cat([small, more])
     assert torch.equal(summaries[2, :, 0], both.amin(0)) and torch.equal(summaries[2, :, 1], both.amax(0))
+
+
+def test_the_memory_share_of_the_summaries_is_what_the_cache_sizing_subtracts():
+    """`thresher serve` on the CPU sizes vLLM's cache so that cache and summaries together take --kv-cache-gib."""
+    blocks, block = 100, 32
+    summaries = new_summaries(blocks, KV_HEADS, HEAD, torch.bfloat16, torch.device("cpu"))
+    kv_bytes = blocks * KV_HEADS * block * 2 * HEAD * 2  # vLLM's CPU layout: [blocks, kv_heads, block, 2 * head]
+    summary_bytes = (summaries.numel() - KV_HEADS * 2 * HEAD) * summaries.element_size()  # less the padding row
+    assert summary_bytes / kv_bytes == summary_bytes_per_kv_byte(block)

@@ -25,6 +25,11 @@ MIN_BUDGET_PAGES = SINK_PAGES + RECENT_PAGES + 1
 MIN_BUDGET_TOKENS = 128
 
 
+def summary_bytes_per_kv_byte(block_size: int) -> float:
+    """The summaries' memory beside the KV cache's: two key vectors per block against the block's keys and values."""
+    return 2 / (2 * block_size)
+
+
 def new_summaries(num_blocks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """`[num_blocks + 1, kv_heads, 2, head_size]`: each block's key minimum and maximum; the extra last row takes
