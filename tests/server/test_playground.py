@@ -43,13 +43,14 @@ def test_search_steer_and_compare_side_by_side(server, browser):
     page.fill("#spec li input", "30")
     page.dispatch_event("#spec li input", "change")
     page.fill("#max-tokens", "16")
+    page.fill("#budget", "128")
     page.click("#run")
     page.wait_for_function("[...document.querySelectorAll('.stats')].every(s => s.textContent.includes('tokens/s'))",
                            timeout=120_000)
     unsteered, steered = page.inner_text("#unsteered pre"), page.inner_text("#steered pre")
     assert unsteered and steered and unsteered != steered
     stats = page.inner_text("#steered .stats")
-    assert f'"id":{feature}' in stats and '"strength":30' in stats, stats
+    assert f'"id":{feature}' in stats and '"strength":30' in stats and '"attention":{"budget":128}' in stats, stats
     assert page.inner_text("#error") == "" and not errors
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
