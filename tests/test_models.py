@@ -67,3 +67,13 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
     assert result.returncode == 2
     assert "which vLLM can shard over 1, 3, 9 ranks only" in result.stderr
     assert "serving" not in result.stderr
+
+
+def test_serve_refuses_an_attention_budget_with_no_page_to_choose():
+    from tests.helpers import run_thresher
+
+    result = run_thresher("serve", "--attention-budget", "64", "--port", "1")
+    assert result.returncode == 2
+    message = " ".join(result.stderr.replace("│", " ").split())  # rich wraps the error in a box
+    assert "Invalid value for --attention-budget: must be 0 (dense attention) or at least 128, got 64" in message
+    assert "serving" not in result.stderr

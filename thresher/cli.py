@@ -371,6 +371,11 @@ def serve_command(
     from thresher.server.app import create_app
     from thresher.server.serving import ServeSettings
 
+    from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
+
+    if 0 < attention_budget < MIN_BUDGET_TOKENS:
+        raise typer.BadParameter(f"must be 0 (dense attention) or at least {MIN_BUDGET_TOKENS}, got {attention_budget}",
+                                 param_hint="--attention-budget")
     try:
         resolve_model(model).check_tensor_parallel_size(tensor_parallel_size)  # before any calibration or engine
         if tensor_parallel_size > 1 and not torch.cuda.is_available():

@@ -50,3 +50,5 @@ def test_long_context_eval_beats_streaming_at_every_budget(embedded_model, tmp_p
         assert rows["pages", budget]["dense_perplexity"] == rows["streaming", budget]["dense_perplexity"]
     bad = run_thresher("eval", "--long-context", "--context", "1024", "--budgets", "2048")
     assert bad.returncode != 0 and "budget 2048" in bad.stderr
+    few = run_thresher("eval", "--long-context", "--context", "1024", "--budgets", "32")
+    assert few.returncode != 0 and "leaves no page to choose" in few.stderr

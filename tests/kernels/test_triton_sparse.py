@@ -87,6 +87,8 @@ def test_fp8_weights_need_their_scales():
         sparse_gemv(x, w8.t().contiguous(), thresholds, levels)
     with pytest.raises(ValueError, match="weight_scale"):
         sparse_gemv(x, w.t().contiguous(), thresholds, levels, weight_scale=scale)
+    with pytest.raises(ValueError, match="own dtype"):  # half-precision weights are never narrowed
+        sparse_gemv(x, w.t().contiguous(), thresholds, levels, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("rows", [1, 4])

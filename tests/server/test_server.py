@@ -151,6 +151,7 @@ def test_concurrent_requests_with_mixed_steering_each_get_their_own_result(serve
     ({"attention": {"budget": 64}}, "attention.budget"),
     ({"attention": {"budget": 256, "window": 64}}, "attention.window"),
     ({"attention": 256}, "attention"),
+    ({"attention": {"budget": 2**31 + 1}}, "attention.budget"),
 ])
 def test_bad_extensions_are_400s_naming_the_field(server, extra, param):
     with pytest.raises(openai.BadRequestError) as error:

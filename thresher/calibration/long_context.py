@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thresher.kernels.page_selection import RECENT_PAGES, SINK_PAGES, page_mass
+from thresher.kernels.page_selection import MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, page_mass
 
 ATTENTION_NAME = "thresher_budget"
 STREAMING_SINK_TOKENS = 4  # StreamingLLM's attention sinks
@@ -37,8 +37,9 @@ class BudgetMethod:
         """`[chunk, context]` bool: which keys each query of positions start.. reads (causal included).
         query `[heads, chunk, head_size]`, key `[kv_heads, context, head_size]`."""
         chunk, context = query.shape[1], key.shape[1]
-        position = torch.arange(start, start + chunk).unsqueeze(1)
-        token = torch.arange(context).unsqueeze(0)
+        device = key.device
+        position = torch.arange(start, start + chunk, device=device).unsqueeze(1)
+        token = torch.arange(context, device=device).unsqueeze(0)
         causal = token <= position
         if self.kind == "streaming":
             return causal & ((token < STREAMING_SINK_TOKENS) | (token > position - self.budget + STREAMING_SINK_TOKENS)
@@ -52,7 +53,7 @@ class BudgetMethod:
         else:
             minimum = maximum = pages.mean(2)
         own = position.squeeze(1) // size  # each query's newest page
-        page = torch.arange(num_pages)
+        page = torch.arange(num_pages, device=device)
         candidate = (page >= SINK_PAGES) & (page.unsqueeze(0) < (own + 1 - RECENT_PAGES).unsqueeze(1))
         mass = page_mass(query.transpose(0, 1), minimum.transpose(0, 1).unsqueeze(0),
                          maximum.transpose(0, 1).unsqueeze(0), candidate, scale)
@@ -111,6 +112,9 @@ def evaluate_long_context(model, tokenizer, texts: list[str], context: int, budg
     for budget in budgets:
         if not 0 < budget < context:
             raise ValueError(f"budget {budget} leaves no position beyond it in a context of {context} tokens")
+        if budget < MIN_BUDGET_PAGES * page_size:
+            raise ValueError(f"budget {budget} leaves no page to choose: at least {MIN_BUDGET_PAGES} pages of "
+                             f"{page_size} tokens are read")
     chosen = list(token_windows(texts, tokenizer, context, windows * context))
     if len(chosen) < windows:
         raise ValueError(f"the held-out text holds {len(chosen)} window(s) of {context} tokens; {windows} asked")
@@ -118,7 +122,7 @@ def evaluate_long_context(model, tokenizer, texts: list[str], context: int, budg
     sums = {m: {"nll": 0.0, "kl": 0.0, "dense_nll": 0.0, "positions": 0} for m in methods}
     progress = tqdm(total=len(chosen) * (1 + len(methods)), desc="long-context eval", unit="forward")
     for window in chosen:
-        target = torch.tensor(window[1:])
+        target = torch.tensor(window[1:], device=model.device)
         dense = _log_probs(model, window)
         progress.update()
         dense_nll = -dense.gather(1, target.unsqueeze(1)).squeeze(1)

@@ -40,9 +40,11 @@ class RequestBudgets:
 
     def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
                decoding: np.ndarray) -> None:
-        """Prefill (and dummy runs, whose ids are not in `sampling_params`) run dense."""
+        """Prompt tokens, chunks of several tokens (a preempted request recomputing its output) and dummy runs (ids not
+        in `sampling_params`) run dense: the selection reads one query row per request."""
         count = len(req_ids)
-        self._host[:count] = [self.budget_pages(sampling_params.get(r)) if d else 0 for r, d in zip(req_ids, decoding)]
+        self._host[:count] = [self.budget_pages(sampling_params.get(r)) if d and n == 1 else 0
+                              for r, n, d in zip(req_ids, num_scheduled_tokens, decoding)]
         self._host[count:] = 0
         self.active = bool(self._host[:count].any())
         self.pages.copy_(torch.from_numpy(self._host), non_blocking=True)

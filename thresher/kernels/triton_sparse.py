@@ -216,8 +216,9 @@ def sparse_gemv(
     if fp8 != (weight_scale is not None):
         raise ValueError("FP8 weights need their weight_scale, and only they take one")
     dtype = dtype or (wt.dtype if not fp8 else x.dtype)
-    if dtype not in TRITON_DTYPES:
-        raise ValueError(f"activations must be fp16 or bf16, got {dtype}")
+    if dtype not in TRITON_DTYPES or (not fp8 and dtype != wt.dtype):
+        raise ValueError(f"activations must be fp16 or bf16, and half-precision weights' own dtype; got {dtype} "
+                         f"for {wt.dtype} weights")
     if fp8:
         weight_scale = weight_scale.float().reshape(-1).expand(n).contiguous()
     block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n)

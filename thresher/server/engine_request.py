@@ -146,6 +146,7 @@ def _thresher_options(body: SamplingRequest, serving: ServingEngine) -> Applied:
         if not serving.selects_pages:
             raise bad_request("attention.budget: this engine's attention has no page selection; send 0 or leave "
                               "attention out", param="attention.budget")
+        budget -= budget % serving.page_size  # what the engine reads: whole pages
     return Applied(sparsity=sparsity, steering=steering, attention=AttentionOptions(budget=budget))
 
 

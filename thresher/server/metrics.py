@@ -22,7 +22,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("thresher_generation_tokens", "Tokens generated", registry=r)
         self.sparsity = Counter("thresher_requests_by_sparsity", "Requests by sparsity level", ["level"], registry=r)
         self.attention_budget = Counter("thresher_requests_by_attention_budget",
-                                        "Requests by attention budget (KV tokens per decode step; 0 = dense)",
+                                        "Requests by attention budget (KV tokens per decode step, rounded up to a "
+                                        "power of two; 0 = dense)",
                                         ["budget"], registry=r)
         self.pages_read = Counter("thresher_attention_pages_read",
                                   "KV-cache pages read by decode steps under an attention budget (per layer)",
@@ -42,7 +43,9 @@ class ServerMetrics:
 
     def count_request_kind(self, applied) -> None:
         self.sparsity.labels(level=f"{applied.sparsity:g}").inc()
-        self.attention_budget.labels(budget=str(applied.attention.budget)).inc()
+        budget = applied.attention.budget
+        # a bounded label set: the power of two at or above the budget
+        self.attention_budget.labels(budget=str(1 << (budget - 1).bit_length() if budget else 0)).inc()
         steering = applied.steering
         if steering is None or steering.is_empty():
             self.steering.labels(kind="none").inc()

@@ -75,7 +75,7 @@ class SteeringSpec(steering.SteeringSpec, Strict):
 
 
 class AttentionOptions(Strict):
-    budget: integer(ge=0) = Field(
+    budget: integer(ge=0, le=2**31) = Field(
         description=f"KV-cache tokens read per decode step: 0 (dense attention) or at least {MIN_BUDGET_TOKENS}.",
         json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_BUDGET_TOKENS}]})
 

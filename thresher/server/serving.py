@@ -66,6 +66,13 @@ class ServingEngine:
         6 bytes a character (JSON's \\uXXXX escapes), plus 1 MiB for the rest (tools, schemas, options)."""
         return 6 * self.max_token_chars * self.max_model_len + 2**20
 
+    async def _check_attention(self, engine) -> None:
+        self.selects_pages = self._selects_pages(all(await engine.collective_rpc("thresher_selects_pages")))
+        budget = self.settings.default_attention_budget
+        if budget and not self.selects_pages:
+            raise ValueError(f"--attention-budget {budget}: this engine's attention has no page selection (see the "
+                             "log above); serve with 0")
+
     def _selects_pages(self, wired: bool) -> bool:
         if not wired:
             log.warning("attention budgets are off: the page selection has no way into this platform's attention "
@@ -82,8 +89,9 @@ class ServingEngine:
         """KV pages read by budgeted decode steps since the last call, and what dense attention would have read."""
         if not (self.ready and self.selects_pages):
             return 0, 0
-        counts = await self.engine.collective_rpc("thresher_attention_pages")
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        # every tensor-parallel rank reads the same pages (of its own heads): rank 0's counts are the request's
+        read, dense = (await self.engine.collective_rpc("thresher_attention_pages"))[0]
+        return read, dense
 
     def tool_parser_factory(self, tools):
         """A new vLLM parser of this request's tool calls for each call of the returned function."""
@@ -125,11 +133,11 @@ class ServingEngine:
         async def build():
             try:
                 engine = await asyncio.to_thread(self._build_engine)
-                self.selects_pages = self._selects_pages(all(await engine.collective_rpc("thresher_selects_pages")))
-                budget = self.settings.default_attention_budget
-                if budget and not self.selects_pages:
-                    raise ValueError(f"--attention-budget {budget}: this engine's attention has no page selection "
-                                     "(see the log above); serve with 0")
+                try:
+                    await self._check_attention(engine)
+                except BaseException:
+                    engine.shutdown()
+                    raise
                 self.engine = engine
                 log.info("engine ready: %s, max_model_len %d, levels %s, steering %s, attention budgets %s",
                          self.settings.served_model_name, self.max_model_len, self.artifact.levels,
