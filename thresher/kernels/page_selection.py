@@ -75,6 +75,27 @@ def page_mass(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor,
     return mass.sum(-1).masked_fill(~candidate, -math.inf)
 
 
+def candidates(page: torch.Tensor, num_pages: torch.Tensor) -> torch.Tensor:
+    """`[rows, pages]`: the pages each row may choose, past the sinks and before its newest pages."""
+    return (page >= SINK_PAGES) & (page < (num_pages - RECENT_PAGES).unsqueeze(1))
+
+
+def kept_pages(mass: torch.Tensor, num_pages: torch.Tensor, budget_pages: torch.Tensor) -> torch.Tensor:
+    """`[rows, pages]` bool: the pages each row reads, from its pages' `page_mass` (-inf off its candidates), its
+    context's pages and its budget in pages (0 or at least the context's: every page of the context)."""
+    page = torch.arange(mass.shape[1], device=mass.device)
+    within = page < num_pages.unsqueeze(1)
+    keep = (page < SINK_PAGES) | (page >= (num_pages - RECENT_PAGES).unsqueeze(1))
+    picks = (budget_pages - SINK_PAGES - RECENT_PAGES).clamp_min(0)
+    most = int(picks.max())
+    if most > 0:
+        order = torch.topk(mass, min(most, mass.shape[1]), dim=1).indices
+        chosen = torch.arange(order.shape[1], device=order.device) < picks.unsqueeze(1)
+        keep = keep | torch.zeros_like(keep).scatter(1, order, chosen)
+    selective = (budget_pages > 0) & (num_pages > budget_pages)
+    return torch.where(selective.unsqueeze(1), keep & within, within)
+
+
 def reference_selection(query: torch.Tensor, keys: torch.Tensor, budget_pages: int, block_size: int,
                         scale: float) -> list[int]:
     """The pages one decode query reads: query `[heads, head_size]`, keys `[context, kv_heads, head_size]` (the
@@ -103,20 +124,11 @@ def select_pages(query: torch.Tensor, summaries: torch.Tensor, block_table: torc
     context, so attention over the compacted table reads exactly the selected tokens.
     """
     num_pages = (seq_lens + block_size - 1) // block_size
-    selective = (budget_pages > 0) & (num_pages > budget_pages)
     width = int(num_pages.max())
     page = torch.arange(width, device=block_table.device)
     blocks = block_table[:, :width].to(torch.long)
-    candidate = (page >= SINK_PAGES) & (page < (num_pages - RECENT_PAGES).unsqueeze(1))
-    mass = page_mass(query, summaries[blocks, :, 0], summaries[blocks, :, 1], candidate, scale)
-    picks = (budget_pages - SINK_PAGES - RECENT_PAGES).clamp_min(0)
-    most = int(picks.max())
-    keep = (page < SINK_PAGES) | (page >= (num_pages - RECENT_PAGES).unsqueeze(1))
-    if most > 0:
-        order = torch.topk(mass, min(most, width), dim=1).indices
-        chosen = torch.arange(order.shape[1], device=order.device) < picks.unsqueeze(1)
-        keep = keep | torch.zeros_like(keep).scatter(1, order, chosen)
-    keep = torch.where(selective.unsqueeze(1), keep & (page < num_pages.unsqueeze(1)), page < num_pages.unsqueeze(1))
+    mass = page_mass(query, summaries[blocks, :, 0], summaries[blocks, :, 1], candidates(page, num_pages), scale)
+    keep = kept_pages(mass, num_pages, budget_pages)
     # kept pages first, in context order
     position = torch.where(keep, page, page + width).argsort(dim=1)
     compacted = block_table.clone()
@@ -124,5 +136,6 @@ def select_pages(query: torch.Tensor, summaries: torch.Tensor, block_table: torc
     compacted[:, :width] = torch.where(page < kept.unsqueeze(1), torch.gather(blocks, 1, position),
                                        blocks).to(block_table.dtype)
     last_fill = seq_lens - (num_pages - 1) * block_size
+    selective = (budget_pages > 0) & (num_pages > budget_pages)
     lengths = torch.where(selective, (kept - 1) * block_size + last_fill, seq_lens)
     return compacted, lengths.to(seq_lens.dtype)

@@ -90,8 +90,7 @@ class ServingEngine:
         if not (self.ready and self.selects_pages):
             return 0, 0
         # every tensor-parallel rank reads the same pages (of its own heads): rank 0's counts are the request's
-        read, dense = (await self.engine.collective_rpc("thresher_attention_pages"))[0]
-        return read, dense
+        return tuple((await self.engine.collective_rpc("thresher_attention_pages"))[0])
 
     def tool_parser_factory(self, tools):
         """A new vLLM parser of this request's tool calls for each call of the returned function."""
