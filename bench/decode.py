@@ -94,7 +94,8 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
     llm.collective_rpc("thresher_record_decode_inputs", args=(True, 1))  # one row per forward: decode, not prefill
     _decode(llm, 1, 0.0)
     # rank 0's samples: a sharded input's shard stands for the whole tensor in a one-threshold-per-tensor fit
-    samples = llm.collective_rpc("thresher_decode_input_samples")[0]
+    replies = llm.collective_rpc("thresher_decode_input_samples")[0]
+    samples = {name: torch.tensor(values) for name, values in replies.items()}
     _shutdown(llm)
     widths = {name: identity.in_features(group) for name, group in identity.tensor_names()}
     thresholds = uniform_thresholds_from_samples(samples, widths, levels)

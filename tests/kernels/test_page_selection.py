@@ -1,16 +1,38 @@
-"""Page selection over a paged KV cache against its per-sequence reference (CPU; the GPU runs the same torch code)."""
+"""Page selection over a paged KV cache against its per-sequence reference: the torch version the CPU engine runs,
+and the Triton kernels GPUs run (on the CPU through TRITON_INTERPRET=1, set before triton is imported)."""
 
+import os
+
+import pytest
 import torch
 
-from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, new_summaries,
-                                             reference_selection, select_pages, summary_bytes_per_kv_byte,
-                                             update_summaries)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from thresher.kernels import page_selection, triton_page_selection  # noqa: E402
+from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES,  # noqa: E402
+                                             new_summaries, reference_selection, summary_bytes_per_kv_byte)
 
 BLOCK, KV_HEADS, HEADS, HEAD = 16, 2, 6, 32
 SCALE = HEAD**-0.5
 
 
-def _paged(lengths, num_blocks=256, seed=0):
+def _torch_select(query, summaries, table, seq_lens, budgets):
+    return page_selection.select_pages(query, summaries, table, seq_lens, budgets, BLOCK, SCALE)
+
+
+def _triton_select(query, summaries, table, seq_lens, budgets):
+    """The kernels read each sequence's decode query at its row of a batch's queries, here one row per sequence."""
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    return triton_page_selection.select_pages(query.contiguous(), starts, summaries.contiguous(), table,
+                                              seq_lens.to(torch.int32), budgets.to(torch.int32), BLOCK, SCALE)
+
+
+SELECTIONS = {"torch": _torch_select, "triton": _triton_select}
+UPDATES = {"torch": page_selection.update_summaries, "triton": triton_page_selection.fold_summaries}
+
+
+def _paged(lengths, num_blocks=256, seed=0, update=page_selection.update_summaries):
     """Keys of several sequences written into a shared paged cache in a scrambled block order, in chunks as
     prefill and decode write them. Returns the per-sequence keys, the block table and the summaries."""
     generator = torch.Generator().manual_seed(seed)
@@ -29,19 +51,20 @@ def _paged(lengths, num_blocks=256, seed=0):
             written = torch.arange(position, position + chunk)
             slots = table[row, written // BLOCK].long() * BLOCK + written % BLOCK
             # a padding slot (-1) rides along, as in vLLM's padded batches
-            update_summaries(summaries, torch.cat([sequence[written], torch.randn(1, KV_HEADS, HEAD) * 100]),
-                             torch.cat([slots, torch.tensor([-1])]), BLOCK)
+            update(summaries, torch.cat([sequence[written], torch.randn(1, KV_HEADS, HEAD) * 100]),
+                   torch.cat([slots, torch.tensor([-1])]), BLOCK)
             position += chunk
     return keys, table, summaries
 
 
-def test_batched_selection_matches_the_reference_per_sequence():
+@pytest.mark.parametrize("implementation", SELECTIONS)
+def test_batched_selection_matches_the_reference_per_sequence(implementation):
     lengths = [700, 45, 1000, 333, 17 * BLOCK]
     budgets = torch.tensor([8, 8, 20, 0, MIN_BUDGET_PAGES])
     keys, table, summaries = _paged(lengths)
     query = torch.randn(len(lengths), HEADS, HEAD, generator=torch.Generator().manual_seed(1)) * 2
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    compacted, new_lengths = select_pages(query, summaries, table, seq_lens, budgets, BLOCK, SCALE)
+    compacted, new_lengths = SELECTIONS[implementation](query, summaries, table, seq_lens, budgets)
     for row, n in enumerate(lengths):
         pages = reference_selection(query[row], keys[row], int(budgets[row]), BLOCK, SCALE)
         num_pages = -(-n // BLOCK)
@@ -55,23 +78,26 @@ def test_batched_selection_matches_the_reference_per_sequence():
         assert int(new_lengths[row]) == (len(pages) - 1) * BLOCK + n - (num_pages - 1) * BLOCK
 
 
-def test_the_selection_follows_where_the_query_looks():
+@pytest.mark.parametrize("implementation", SELECTIONS)
+def test_the_selection_follows_where_the_query_looks(implementation):
     """Among 100 pages of noise, the page whose keys share the query's direction is read."""
     direction = torch.nn.functional.normalize(torch.randn(KV_HEADS, HEAD), dim=-1)
     target, length = 57, 1600
     keys, table, summaries = _paged([length])
     keys[0][target * BLOCK : (target + 1) * BLOCK] += 8 * direction
     summaries = new_summaries(summaries.shape[0] - 1, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
-    update_summaries(summaries, keys[0], (table[0, torch.arange(length) // BLOCK].long() * BLOCK
-                                          + torch.arange(length) % BLOCK), BLOCK)
+    page_selection.update_summaries(summaries, keys[0], (table[0, torch.arange(length) // BLOCK].long() * BLOCK
+                                                         + torch.arange(length) % BLOCK), BLOCK)
     query = direction.repeat_interleave(HEADS // KV_HEADS, dim=0) * 4
     pages = reference_selection(query, keys[0], MIN_BUDGET_PAGES, BLOCK, SCALE)
-    compacted, _ = select_pages(query[None], summaries, table, torch.tensor([length]),
-                                torch.tensor([MIN_BUDGET_PAGES]), BLOCK, SCALE)
+    compacted, _ = SELECTIONS[implementation](query[None], summaries, table, torch.tensor([length]),
+                                              torch.tensor([MIN_BUDGET_PAGES]))
     assert target in pages and int(table[0, target]) in compacted[0, :MIN_BUDGET_PAGES].tolist()
 
 
-def test_a_reused_block_starts_a_fresh_summary():
+@pytest.mark.parametrize("implementation", UPDATES)
+def test_a_reused_block_starts_a_fresh_summary(implementation):
+    update_summaries = UPDATES[implementation]
     summaries = new_summaries(4, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
     big = torch.full((BLOCK, KV_HEADS, HEAD), 50.0)
     slots = torch.arange(2 * BLOCK, 3 * BLOCK)
@@ -84,6 +110,16 @@ def test_a_reused_block_starts_a_fresh_summary():
     update_summaries(summaries, more, slots[5:6], BLOCK)  # a decode step continues the block
     both = torch.cat([small, more])
     assert torch.equal(summaries[2, :, 0], both.amin(0)) and torch.equal(summaries[2, :, 1], both.amax(0))
+
+
+def test_the_kernels_fold_the_same_summaries_as_torch():
+    """Prefill chunks and decode steps of several sequences, with padding slots, into a scrambled paged cache."""
+    lengths = [300, 45, 17 * BLOCK]
+    _, _, expected = _paged(lengths, update=page_selection.update_summaries)
+    _, _, folded = _paged(lengths, update=triton_page_selection.fold_summaries)
+    written = expected[:-1, 0, 0, 0].isfinite()
+    assert written.sum() == sum(-(-n // BLOCK) for n in lengths)
+    assert torch.equal(folded[:-1][written], expected[:-1][written])
 
 
 def test_the_memory_share_of_the_summaries_is_what_the_cache_sizing_subtracts():

@@ -93,8 +93,8 @@ class ThresherWorkerExtension:
         return self.model_runner.get_model().thresher_selects_pages
 
     def thresher_attention_pages(self) -> tuple[int, int]:
-        """Since the last call, summed over attention layers: (pages read, pages dense attention would have read)
-        by decode steps of requests with an attention budget."""
+        """Since the last call, summed over decode steps of requests with an attention budget: (pages each attention
+        layer read, pages dense attention would have read)."""
         return self.model_runner.get_model().attention_budgets.read_and_reset()
 
     def _selection(self, layer: int):
@@ -145,6 +145,7 @@ class ThresherWorkerExtension:
 
                 model._thresher_recorders.append(layer.get_submodule(group.vllm_module).register_forward_pre_hook(record))
 
-    def thresher_decode_input_samples(self) -> dict[str, torch.Tensor]:
-        """Per tensor name, the recorded |x| samples of its decode inputs."""
-        return {name: torch.cat(samples) for name, samples in self.model_runner.get_model()._thresher_samples.items()}
+    def thresher_decode_input_samples(self) -> dict[str, list[float]]:
+        """Per tensor name, the recorded |x| samples of its decode inputs (as lists: the RPC's replies are msgpack)."""
+        return {name: torch.cat(samples).tolist()
+                for name, samples in self.model_runner.get_model()._thresher_samples.items()}

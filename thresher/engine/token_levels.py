@@ -16,6 +16,7 @@ import torch
 
 from thresher.artifact import ArtifactError, level_index
 from thresher.engine.extras import SPARSITY_EXTRA_ARG
+from thresher.engine.runner_hooks import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ class TokenLevels:
             log.error("%s; running the request dense", error)
             return 0
 
-    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
-               decoding: np.ndarray) -> None:
+    def update(self, sampling_params: Mapping, batch: ScheduledBatch) -> None:
         """`sampling_params[req_id]` of every running request; ids missing from it (dummy runs) run dense."""
+        num_scheduled_tokens = batch.num_scheduled_tokens
         per_request = np.array(
             [self.level_index(sampling_params.get(r)) if d and n == 1 else 0
-             for r, n, d in zip(req_ids, num_scheduled_tokens, decoding)],
+             for r, n, d in zip(batch.req_ids, num_scheduled_tokens, batch.decoding)],
             dtype=np.int64,
         )
         total = int(num_scheduled_tokens.sum())

@@ -22,6 +22,7 @@ import torch
 
 from thresher.engine.extras import STEERING_EXTRA_ARG
 from thresher.engine.measurement import ClampMeter
+from thresher.engine.runner_hooks import ScheduledBatch
 from thresher.steering import MAX_CLAMPS, ClampRows, SteeringAssets, SteeringError, clamp_delta
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ class TokenSteering:
         self._slot_of[key] = slot
         return slot
 
-    def update(self, sampling_params: Mapping, req_ids: list[str], num_scheduled_tokens: np.ndarray,
-               decoding: np.ndarray) -> None:
+    def update(self, sampling_params: Mapping, batch: ScheduledBatch) -> None:
         """`sampling_params[req_id]` of every running request; ids missing from it (dummy runs) run unsteered."""
+        req_ids, num_scheduled_tokens = batch.req_ids, batch.num_scheduled_tokens
         in_use: set[int] = set()
         per_request = np.zeros(len(req_ids), dtype=np.int64)
         known = self._key_of_request

@@ -26,11 +26,11 @@ class ServerMetrics:
                                         "power of two; 0 = dense)",
                                         ["budget"], registry=r)
         self.pages_read = Counter("thresher_attention_pages_read",
-                                  "KV-cache pages read by decode steps under an attention budget (per layer)",
-                                  registry=r)
+                                  "KV-cache pages read by decode steps under an attention budget (per sequence and "
+                                  "step, in every layer)", registry=r)
         self.pages_dense = Counter("thresher_attention_pages_dense",
-                                   "KV-cache pages dense attention would have read in those steps (per layer)",
-                                   registry=r)
+                                   "KV-cache pages dense attention would have read in those steps (per sequence "
+                                   "and step)", registry=r)
         self.pages_read_fraction = Gauge("thresher_attention_pages_read_fraction",
                                          "Fraction of KV-cache pages read by the budgeted decode steps between the "
                                          "last two scrapes that saw any", registry=r)
