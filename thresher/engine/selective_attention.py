@@ -95,7 +95,9 @@ class SelectiveAttention:
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self._update(layer, key, value, kv_cache, slot_mapping)
-        if self.summaries is None:
+        if kv_cache.numel() == 0:  # a profiling run before vLLM allocates the cache
+            return
+        if self.summaries is None or self.summaries.shape[0] != kv_cache.shape[0] + 1:
             if _capturing(key):
                 raise RuntimeError("thresher: the attention page summaries must exist before CUDA graph capture")
             self.summaries = new_summaries(kv_cache.shape[0], key.shape[1], key.shape[2], key.dtype, key.device)
