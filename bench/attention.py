@@ -1,7 +1,7 @@
 """Long-context decode under attention budgets against stock vLLM, same run (GPU machine).
 
     python bench/attention.py [--out results/attention.json] [--cells 32768x1,32768x8,65536x1]
-                              [--budgets 1024,2048,4096] [--sparsity 0.5] [--repeats 3]
+                              [--budgets 1024,2048,4096] [--sparsity 0.5] [--repeats 3] [--layers 32] [--profile]
 
 Llama-3-8B shape (32 layers, GQA 32/8, head 128), `load_format="dummy"` bf16 weights, torch.compile and CUDA graphs
 on, greedy, 128 new tokens. Each cell is a context length x decode batch: its prompts (random token ids) are
@@ -13,12 +13,16 @@ budget 0 (dense) and each budget; `--sparsity L` adds the budget-2048 row with a
 Beside each row, the bytes-read bound: the ratio of what a decode step must read in stock vLLM (the weights, and
 every sequence's KV cache) to what it reads under the budget (the weights, the selected pages, and the page
 summaries: a key minimum and maximum per page).
+
+`--profile` runs the engines in this process and prints, per row, the GPU kernels of one timed generate by total
+time (torch.profiler), to see where a step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -63,6 +67,14 @@ def _decode_seconds(llm, prompts, budget: int | None, level: float = 0.0, repeat
     return statistics.median(seconds)
 
 
+def _profile(llm, prompts, budget: int | None, level: float = 0.0) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        _decode_seconds(llm, prompts, budget, level, repeats=1)
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+
+
 def _prefill(llm, prompts) -> None:
     from vllm import SamplingParams
 
@@ -92,7 +104,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--sparsity", type=float, default=None, help="a level to combine with budget 2048 at batch 1")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"])
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.profile:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, for the profiler
     cells = [tuple(int(v) for v in cell.split("x")) for cell in args.cells.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
     max_len = max(c for c, _ in cells) + NEW_TOKENS + BLOCK
@@ -100,7 +116,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="thresher-attention-"))
     model = work / "model"
     model.mkdir()
-    config = LLAMA3_8B | {"max_position_embeddings": max_len}
+    config = LLAMA3_8B | {"max_position_embeddings": max_len, "num_hidden_layers": args.layers}
     (model / "config.json").write_text(json.dumps(config))
     if args.sparsity is not None:
         artifact = fit_artifact(model, [args.sparsity], work)
@@ -109,7 +125,7 @@ def main() -> None:
         artifact = work / "dense"
         Artifact(identity, [0.0], "dense", dense_thresholds(identity, 1)).save(artifact)
 
-    results = {"device": torch.cuda.get_device_name(), "model": "llama3-8b shape, 32 layers, dummy bf16",
+    results = {"device": torch.cuda.get_device_name(), "model": f"llama3-8b shape, {args.layers} layers, dummy bf16",
                "new_tokens": NEW_TOKENS, "block_size": BLOCK, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +136,8 @@ def main() -> None:
         _prefill(stock, prompts)
         dense[context, batch] = batch * NEW_TOKENS / _decode_seconds(stock, prompts, None, repeats=args.repeats)
         print(f"stock {context}x{batch}: {dense[context, batch]:.1f} tok/s", flush=True)
+        if args.profile:
+            print(_profile(stock, prompts, None), flush=True)
     _shutdown(stock)
     thresher = _engine(model, max_len, max_batch, hf_overrides=engine_overrides(model, artifact),
                        worker_extension_cls=EXTENSION)
@@ -138,6 +156,8 @@ def main() -> None:
             results["rows"].append(row)
             print(f"{context:>6} x{batch:<3} {name:>28} {row['tok_s']:>8} tok/s {row['ratio']:>6}x "
                   f"(bound {row['bytes_bound']}x)", flush=True)
+            if args.profile and budget is not None:
+                print(_profile(thresher, prompts, budget, level), flush=True)
         out.write_text(json.dumps(results, indent=1))  # what is measured so far survives a cut-off run
     _shutdown(thresher)
 

@@ -58,8 +58,9 @@ def _reference_attention(query, keys, values, table, lengths):
     return torch.stack(out)
 
 
-def _flash(query, keys, values, table, seq_lens, plan_lens):
-    from vllm.vllm_flash_attn import flash_attn_varlen_func, get_scheduler_metadata
+def _plan(query, plan_lens):
+    """FlashAttention's ahead-of-time split plan for these lengths, as vLLM makes it before a step."""
+    from vllm.vllm_flash_attn import get_scheduler_metadata
 
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32, device="cuda")
     longest = int(plan_lens.max())
@@ -67,6 +68,14 @@ def _flash(query, keys, values, table, seq_lens, plan_lens):
                                   num_heads_q=HEADS, num_heads_kv=KV_HEADS, headdim=HEAD, cache_seqlens=plan_lens,
                                   qkv_dtype=torch.bfloat16, cu_seqlens_q=starts, page_size=BLOCK, causal=True,
                                   num_splits=32)
+    return longest, plan
+
+
+def _flash(query, keys, values, table, seq_lens, plan):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32, device="cuda")
+    longest, plan = plan
     return flash_attn_varlen_func(q=query, k=keys, v=values, max_seqlen_q=1, cu_seqlens_q=starts,
                                   max_seqlen_k=longest, seqused_k=seq_lens, softmax_scale=SCALE, causal=True,
                                   block_table=table, scheduler_metadata=plan, num_splits=32, fa_version=3)
@@ -88,10 +97,10 @@ def test_flash_attention_over_compacted_tables_reads_exactly_the_selected_tokens
         same = set(compacted[row, :kept].tolist()) & set(expected_table[row, :kept].tolist())
         assert len(same) >= kept - 2, row
     assert selected[2] == 900 and torch.equal(compacted[2], table[2])
-    out = _flash(query, keys, values, compacted, selected, lengths)
+    out = _flash(query, keys, values, compacted, selected, _plan(query, lengths))
     reference = _reference_attention(query, keys, values, compacted, selected)
     assert (out.float() - reference).abs().max() < 2e-2
-    dense = _flash(query, keys, values, table, lengths, lengths)
+    dense = _flash(query, keys, values, table, lengths, _plan(query, lengths))
     assert torch.equal(dense[2], out[2])  # the unbudgeted sequence: the same kernel work, bit for bit
 
 
@@ -101,11 +110,12 @@ def test_the_selected_step_replays_from_a_cuda_graph():
     query = torch.zeros(2, HEADS, HEAD, device="cuda", dtype=torch.bfloat16)
     budgets = torch.zeros(2, dtype=torch.long, device="cuda")
     starts = torch.arange(3, dtype=torch.int32, device="cuda")
+    plan = _plan(query, lengths)
 
     def step():
         compacted, selected = triton_page_selection.select_pages(query, starts, summaries, table, lengths, budgets,
                                                                  BLOCK, SCALE)
-        return _flash(query, keys, values, compacted, selected, lengths)
+        return _flash(query, keys, values, compacted, selected, plan)
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
