@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -72,7 +73,8 @@ def _profile(llm, prompts, budget: int | None, level: float = 0.0) -> str:
 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         _decode_seconds(llm, prompts, budget, level, repeats=1)
-    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+    kernels = sorted(profiler.key_averages(), key=lambda e: -e.device_time_total)[:14]
+    return "\n".join(f"  {e.device_time_total / 1e3:9.2f} ms {e.count:7d}x  {e.key[:90]}" for e in kernels)
 
 
 def _prefill(llm, prompts) -> None:
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--engines", default="stock,thresher", help="which to run (one per process with --profile)")
     args = parser.parse_args()
     if args.profile:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, for the profiler
@@ -129,16 +132,20 @@ def main() -> None:
                "new_tokens": NEW_TOKENS, "block_size": BLOCK, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stock = _engine(model, max_len, max_batch)
-    dense = {}
-    for context, batch in cells:
+    engines = args.engines.split(",")
+    dense = {cell: math.nan for cell in cells}
+    stock = _engine(model, max_len, max_batch) if "stock" in engines else None
+    for context, batch in cells if stock else ():
         prompts = _prompts(context, batch)
         _prefill(stock, prompts)
         dense[context, batch] = batch * NEW_TOKENS / _decode_seconds(stock, prompts, None, repeats=args.repeats)
         print(f"stock {context}x{batch}: {dense[context, batch]:.1f} tok/s", flush=True)
         if args.profile:
             print(_profile(stock, prompts, None), flush=True)
-    _shutdown(stock)
+    if stock:
+        _shutdown(stock)
+    if "thresher" not in engines:
+        return
     thresher = _engine(model, max_len, max_batch, hf_overrides=engine_overrides(model, artifact),
                        worker_extension_cls=EXTENSION)
     for context, batch in cells:

@@ -80,36 +80,38 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
     budget = tl.load(budget_ptr + seq)
     pages = tile * TILE + tl.arange(0, TILE)
     selective = (budget > 0) & (num_pages > budget)
-    candidate = (pages >= SINKS) & (pages < tl.where(selective, num_pages - RECENT, 0))
-    blocks = tl.load(table_ptr + seq * table_stride + pages, mask=candidate, other=0).to(tl.int64)
-    row = tl.load(query_start_ptr + seq).to(tl.int64)
-    group = tl.arange(0, GROUP_BLOCK)
-    in_group = group < GROUP
-    dims = tl.arange(0, HEAD)
-    for kv_head in range(KV_HEADS):
-        q = tl.load(query_ptr + row * query_token_stride + (kv_head * GROUP + group[:, None]) * HEAD + dims[None, :],
-                    mask=in_group[:, None], other=0.0).to(tl.float32)  # [GROUP_BLOCK, HEAD]
-        summary = summaries_ptr + blocks[:, None] * (KV_HEADS * 2 * HEAD) + kv_head * 2 * HEAD + dims[None, :]
-        low = tl.load(summary, mask=candidate[:, None], other=0.0).to(tl.float32)  # [TILE, HEAD]
-        high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0).to(tl.float32)
-        center = (high + low) / 2
-        radius = (high - low) / 2
-        bound = tl.sum(q[:, None, :] * center[None, :, :] + tl.abs(q)[:, None, :] * radius[None, :, :], axis=2)
-        bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP, TILE]
-        heads = kv_head * GROUP + group
-        tl.store(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :], bound,
-                 mask=in_group[:, None] & (pages[None, :] < width))
-        top = tl.max(bound, axis=1)
-        safe_top = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.sum(tl.exp(bound - safe_top[:, None]), axis=1)
-        tl.store(tile_max_ptr + (seq * HEADS + heads) * tiles + tile, top, mask=in_group)
-        tl.store(tile_sum_ptr + (seq * HEADS + heads) * tiles + tile, total, mask=in_group)
+    # nothing to do for the tiles past the context, nor for the other sequences (`_select` copies their tables)
+    if selective & (tile * TILE < num_pages):
+        candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
+        blocks = tl.load(table_ptr + seq * table_stride + pages, mask=candidate, other=0).to(tl.int64)
+        row = tl.load(query_start_ptr + seq).to(tl.int64)
+        group = tl.arange(0, GROUP_BLOCK)
+        in_group = group < GROUP
+        dims = tl.arange(0, HEAD)
+        for kv_head in range(KV_HEADS):
+            heads = kv_head * GROUP + group
+            q = tl.load(query_ptr + row * query_token_stride + heads[:, None] * HEAD + dims[None, :],
+                        mask=in_group[:, None], other=0.0).to(tl.float32)  # [GROUP_BLOCK, HEAD]
+            summary = summaries_ptr + blocks[:, None] * (KV_HEADS * 2 * HEAD) + kv_head * 2 * HEAD + dims[None, :]
+            low = tl.load(summary, mask=candidate[:, None], other=0.0).to(tl.float32)  # [TILE, HEAD]
+            high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0).to(tl.float32)
+            center = (high + low) / 2
+            radius = (high - low) / 2
+            bound = tl.sum(q[:, None, :] * center[None, :, :] + tl.abs(q)[:, None, :] * radius[None, :, :], axis=2)
+            bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP, TILE]
+            tl.store(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :], bound,
+                     mask=in_group[:, None] & (pages[None, :] < width))
+            top = tl.max(bound, axis=1)
+            safe_top = tl.where(top == float("-inf"), 0.0, top)
+            total = tl.sum(tl.exp(bound - safe_top[:, None]), axis=1)
+            tl.store(tile_max_ptr + (seq * HEADS + heads) * tiles + tile, top, mask=in_group)
+            tl.store(tile_sum_ptr + (seq * HEADS + heads) * tiles + tile, total, mask=in_group)
 
 
 @triton.jit
 def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr,
             budget_ptr, lengths_ptr, width, tiles, block_size,
-            HEADS: tl.constexpr, PAGES: tl.constexpr, TILES: tl.constexpr, SINKS: tl.constexpr,
+            HEADS: tl.constexpr, PAGES: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr,
             RECENT: tl.constexpr):
     seq = tl.program_id(0)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -121,13 +123,13 @@ def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, table_ptr, table_stride, out
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
         candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
         tile_index = tl.arange(0, TILES)
+        used = tile_index < (num_pages + TILE - 1) // TILE  # the tiles `_page_bounds` wrote
         mass = tl.zeros((PAGES,), dtype=tl.float32)
         for head in range(HEADS):
             stats = (seq * HEADS + head) * tiles + tile_index
-            tile_max = tl.load(tile_max_ptr + stats, mask=tile_index < tiles, other=float("-inf"))
+            tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
             top = tl.max(tile_max, axis=0)
-            total = tl.sum(tl.load(tile_sum_ptr + stats, mask=tile_index < tiles, other=0.0)
-                           * tl.exp(tile_max - top), axis=0)
+            total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top), axis=0)
             bound = tl.load(bounds_ptr + (seq * HEADS + head) * width + pages, mask=candidate, other=float("-inf"))
             mass += tl.exp(bound - top) / total
         # masses are >= 0, so their bit patterns order as they do; the non-candidates sit below every one
@@ -181,6 +183,6 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     pages = triton.next_power_of_2(width)
     _select[(seqs,)](bounds, tile_max, tile_sum, block_table, block_table.stride(0), compacted, compacted.stride(0),
                      seq_lens, budget_pages, lengths, width, tiles, block_size, HEADS=heads, PAGES=pages,
-                     TILES=triton.next_power_of_2(tiles), SINKS=SINK_PAGES, RECENT=RECENT_PAGES,
+                     TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES,
                      num_warps=8 if pages >= 2048 else 4)
     return compacted, lengths
