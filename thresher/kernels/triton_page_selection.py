@@ -1,17 +1,18 @@
 """Page selection for decode attention on GPUs, in Triton: the same rule as `page_selection` (its torch reference,
-which the CPU engine runs), in three launches per layer with no host synchronisation, so that a decode step with
-budgets runs inside vLLM's full CUDA graphs.
+which the CPU engine runs), with no host synchronisation, so that a decode step with budgets runs inside vLLM's full
+CUDA graphs. One launch in the KV cache write, four in the forward:
 
 1. `_fold_summaries` (in the KV cache write): each run of consecutive slots of one block among the keys just written
    is folded by one program into that block's minimum and maximum; a run that starts at the block's first slot
    starts the block afresh (a reused block). No atomics: vLLM writes the tokens of a block contiguously.
 2. `_page_bounds`: per (sequence, tile of pages), the scaled upper bound of q.k for every query head over the
-   candidate pages (`-inf` elsewhere), and the tile's per-head maximum and sum of exponentials.
-3. `_select`: per sequence, the per-head softmax of the bounds from the tiles' statistics, summed over heads (the
-   page's estimated attention mass); the pages to pick are those above the mass that a bisection over its fp32 bit
-   patterns finds to leave exactly the budget (ties taken in page order); the kept pages are written compacted, in
-   context order, with the length of the shorter context. A sequence without a budget, or whose context fits in
-   it, gets its own table and length.
+   candidate pages (`-inf` elsewhere), on the tensor cores, and the tile's per-head maximum and sum of exponentials.
+3. `_head_softmax_stats`: per (sequence, head), those statistics over all tiles.
+4. `_page_mass`: per (sequence, tile), each page's per-head softmax, summed over heads: its estimated attention mass.
+5. `_select`: per sequence, the pages above the mass that a bisection over the masses' fp32 bit patterns finds to
+   leave exactly the budget (ties taken in page order), written compacted, in context order, with the length of the
+   shorter context. A sequence without a budget, or whose context fits in it, gets its own table and length (and
+   steps 2-4 do nothing for it).
 """
 
 from __future__ import annotations
@@ -72,16 +73,17 @@ def fold_summaries(summaries: torch.Tensor, key: torch.Tensor, slot_mapping: tor
 def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, table_ptr, table_stride,
                  seq_lens_ptr, budget_ptr, bounds_ptr, tile_max_ptr, tile_sum_ptr, width, tiles, block_size, scale,
                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
-                 HEAD: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr):
+                 HEAD: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
+                 NATIVE_DOT: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
-    pages = tile * TILE + tl.arange(0, TILE)
     selective = (budget > 0) & (num_pages > budget)
     # nothing to do for the tiles past the context, nor for the other sequences (`_select` copies their tables)
     if selective & (tile * TILE < num_pages):
+        pages = tile * TILE + tl.arange(0, TILE)
         candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
         blocks = tl.load(table_ptr + seq * table_stride + pages, mask=candidate, other=0).to(tl.int64)
         row = tl.load(query_start_ptr + seq).to(tl.int64)
@@ -91,14 +93,20 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
         for kv_head in range(KV_HEADS):
             heads = kv_head * GROUP + group
             q = tl.load(query_ptr + row * query_token_stride + heads[:, None] * HEAD + dims[None, :],
-                        mask=in_group[:, None], other=0.0).to(tl.float32)  # [GROUP_BLOCK, HEAD]
+                        mask=in_group[:, None], other=0.0)  # [GROUP_BLOCK, HEAD]
             summary = summaries_ptr + blocks[:, None] * (KV_HEADS * 2 * HEAD) + kv_head * 2 * HEAD + dims[None, :]
-            low = tl.load(summary, mask=candidate[:, None], other=0.0).to(tl.float32)  # [TILE, HEAD]
-            high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0).to(tl.float32)
-            center = (high + low) / 2
-            radius = (high - low) / 2
-            bound = tl.sum(q[:, None, :] * center[None, :, :] + tl.abs(q)[:, None, :] * radius[None, :, :], axis=2)
-            bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP, TILE]
+            low = tl.load(summary, mask=candidate[:, None], other=0.0)  # [TILE, HEAD]
+            high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0)
+            # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two products on the tensor cores, exact in
+            # half precision (every product of two half-precision values is an fp32 value)
+            positive = tl.maximum(q, 0.0).to(high.dtype)
+            negative = tl.minimum(q, 0.0).to(low.dtype)
+            if NATIVE_DOT:
+                bound = tl.dot(positive, tl.trans(high)) + tl.dot(negative, tl.trans(low))
+            else:  # the CPU interpreter (numpy has no bfloat16) and fp32 summaries: fp32 products
+                bound = (tl.dot(positive.to(tl.float32), tl.trans(high.to(tl.float32)), input_precision="ieee")
+                         + tl.dot(negative.to(tl.float32), tl.trans(low.to(tl.float32)), input_precision="ieee"))
+            bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP_BLOCK, TILE]
             tl.store(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :], bound,
                      mask=in_group[:, None] & (pages[None, :] < width))
             top = tl.max(bound, axis=1)
@@ -109,10 +117,51 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
 
 
 @triton.jit
-def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr,
-            budget_ptr, lengths_ptr, width, tiles, block_size,
-            HEADS: tl.constexpr, PAGES: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr,
-            RECENT: tl.constexpr):
+def _head_softmax_stats(tile_max_ptr, tile_sum_ptr, head_max_ptr, head_sum_ptr, seq_lens_ptr, budget_ptr, tiles,
+                        block_size, HEADS: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr):
+    """Per (sequence, head): the maximum and the sum of exponentials of its bounds over all pages."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_pages = (tl.load(seq_lens_ptr + seq) + block_size - 1) // block_size
+    budget = tl.load(budget_ptr + seq)
+    if (budget > 0) & (num_pages > budget):
+        index = tl.arange(0, TILES)
+        used = index < (num_pages + TILE - 1) // TILE  # the tiles `_page_bounds` wrote
+        stats = (seq * HEADS + head) * tiles + index
+        tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
+        top = tl.max(tile_max, axis=0)
+        total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top), axis=0)
+        tl.store(head_max_ptr + seq * HEADS + head, top)
+        tl.store(head_sum_ptr + seq * HEADS + head, total)
+
+
+@triton.jit
+def _page_mass(bounds_ptr, head_max_ptr, head_sum_ptr, mass_ptr, seq_lens_ptr, budget_ptr, width, block_size,
+               HEADS: tl.constexpr, HEADS_BLOCK: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr,
+               RECENT: tl.constexpr):
+    """Per (sequence, tile): each candidate page's softmax mass summed over heads, as its fp32 bit pattern (masses are
+    >= 0, so the patterns order as the masses do); -1 for the other pages, below every mass."""
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    num_pages = (tl.load(seq_lens_ptr + seq) + block_size - 1) // block_size
+    budget = tl.load(budget_ptr + seq)
+    if (budget > 0) & (num_pages > budget) & (tile * TILE < num_pages):
+        pages = tile * TILE + tl.arange(0, TILE)
+        candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
+        heads = tl.arange(0, HEADS_BLOCK)
+        real = heads < HEADS
+        top = tl.load(head_max_ptr + seq * HEADS + heads, mask=real, other=0.0)
+        total = tl.load(head_sum_ptr + seq * HEADS + heads, mask=real, other=1.0)
+        bound = tl.load(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :],
+                        mask=real[:, None] & candidate[None, :], other=float("-inf"))
+        mass = tl.sum(tl.exp(bound - top[:, None]) / total[:, None], axis=0)
+        tl.store(mass_ptr + seq * width + pages, tl.where(candidate, mass.to(tl.int32, bitcast=True), -1),
+                 mask=pages < width)
+
+
+@triton.jit
+def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr, budget_ptr, lengths_ptr, width,
+            block_size, PAGES: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr):
     seq = tl.program_id(0)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
@@ -121,19 +170,7 @@ def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, table_ptr, table_stride, out
     in_table = pages < width
     blocks = tl.load(table_ptr + seq * table_stride + pages, mask=in_table, other=0)
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
-        candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
-        tile_index = tl.arange(0, TILES)
-        used = tile_index < (num_pages + TILE - 1) // TILE  # the tiles `_page_bounds` wrote
-        mass = tl.zeros((PAGES,), dtype=tl.float32)
-        for head in range(HEADS):
-            stats = (seq * HEADS + head) * tiles + tile_index
-            tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
-            top = tl.max(tile_max, axis=0)
-            total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top), axis=0)
-            bound = tl.load(bounds_ptr + (seq * HEADS + head) * width + pages, mask=candidate, other=float("-inf"))
-            mass += tl.exp(bound - top) / total
-        # masses are >= 0, so their bit patterns order as they do; the non-candidates sit below every one
-        bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), -1)
+        bits = tl.load(mass_ptr + seq * width + pages, mask=pages < num_pages, other=-1)
         picks = budget - SINKS - RECENT
         low = tl.full((), 0, tl.int32)
         high = tl.full((), 0x7F800001, tl.int32)
@@ -168,21 +205,32 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     kv_heads = summaries.shape[1]
     assert query.stride(1) == head and query.stride(2) == 1 and summaries.is_contiguous()
     tiles = triton.cdiv(width, PAGE_TILE)
-    bounds = torch.empty(seqs, heads, width, dtype=torch.float32, device=query.device)
-    tile_max = torch.empty(seqs, heads, tiles, dtype=torch.float32, device=query.device)
+    device = query.device
+    bounds = torch.empty(seqs, heads, width, dtype=torch.float32, device=device)
+    tile_max = torch.empty(seqs, heads, tiles, dtype=torch.float32, device=device)
     tile_sum = torch.empty_like(tile_max)
+    head_max = torch.empty(seqs, heads, dtype=torch.float32, device=device)
+    head_sum = torch.empty_like(head_max)
+    mass = torch.empty(seqs, width, dtype=torch.int32, device=device)
     compacted = torch.empty_like(block_table)
     lengths = torch.empty_like(seq_lens)
     if seqs == 0:
         return compacted, lengths
+    native_dot = device.type == "cuda" and summaries.dtype != torch.float32
     _page_bounds[(seqs, tiles)](query, query_start_loc, query.stride(0), summaries, block_table,
                                 block_table.stride(0), seq_lens, budget_pages, bounds, tile_max, tile_sum, width,
                                 tiles, block_size, scale, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads,
-                                GROUP_BLOCK=triton.next_power_of_2(heads // kv_heads), HEAD=head, TILE=PAGE_TILE,
-                                SINKS=SINK_PAGES, RECENT=RECENT_PAGES, num_warps=4)
+                                GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)), HEAD=head,
+                                TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot,
+                                num_warps=4)
+    _head_softmax_stats[(seqs, heads)](tile_max, tile_sum, head_max, head_sum, seq_lens, budget_pages, tiles,
+                                       block_size, HEADS=heads, TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE,
+                                       num_warps=4)
+    _page_mass[(seqs, tiles)](bounds, head_max, head_sum, mass, seq_lens, budget_pages, width, block_size,
+                              HEADS=heads, HEADS_BLOCK=triton.next_power_of_2(heads), TILE=PAGE_TILE,
+                              SINKS=SINK_PAGES, RECENT=RECENT_PAGES, num_warps=4)
     pages = triton.next_power_of_2(width)
-    _select[(seqs,)](bounds, tile_max, tile_sum, block_table, block_table.stride(0), compacted, compacted.stride(0),
-                     seq_lens, budget_pages, lengths, width, tiles, block_size, HEADS=heads, PAGES=pages,
-                     TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES,
+    _select[(seqs,)](mass, block_table, block_table.stride(0), compacted, compacted.stride(0), seq_lens,
+                     budget_pages, lengths, width, block_size, PAGES=pages, SINKS=SINK_PAGES, RECENT=RECENT_PAGES,
                      num_warps=8 if pages >= 2048 else 4)
     return compacted, lengths
