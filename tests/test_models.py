@@ -69,11 +69,15 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
     assert "serving" not in result.stderr
 
 
-def test_serve_refuses_an_attention_budget_with_no_page_to_choose():
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["--attention-budget", "64"], "must be 0 (dense attention) or at least 128, got 64"),
+    (["--attention-budget", "256", "--no-attention-budgets"], "a default budget (256) needs attention budgets"),
+])
+def test_serve_refuses_an_attention_budget_it_cannot_apply(arguments, expected):
     from tests.helpers import run_thresher
 
-    result = run_thresher("serve", "--attention-budget", "64", "--port", "1")
+    result = run_thresher("serve", *arguments, "--port", "1")
     assert result.returncode == 2
     message = " ".join(result.stderr.replace("│", " ").split())  # rich wraps the error in a box
-    assert "Invalid value for --attention-budget: must be 0 (dense attention) or at least 128, got 64" in message
+    assert f"Invalid value for --attention-budget: {expected}" in message
     assert "serving" not in result.stderr

@@ -9,10 +9,14 @@ import os
 from thresher.families import FAMILIES, family_of
 
 SPARSE_MODELS_MODULE = "thresher.engine.sparse_models"
+# the model config key (through `hf_overrides`) that says whether attention budgets are wired
+ATTENTION_BUDGETS_KEY = "thresher_attention_budgets"
 
 
-def engine_overrides(model_path: str | os.PathLike, artifact_dir: str | os.PathLike) -> dict:
-    """`hf_overrides` that make vLLM build thresher's sparse class for this model and artifact.
+def engine_overrides(model_path: str | os.PathLike, artifact_dir: str | os.PathLike,
+                     attention_budgets: bool = True) -> dict:
+    """`hf_overrides` that make vLLM build thresher's sparse class for this model and artifact, with per-request
+    attention budgets wired into its attention or not (on GPUs the wiring costs dense decode steps a few percent).
 
     The artifact is checked against the model here, in the calling process, so a mismatch fails before any
     engine process starts, with an `ArtifactError` naming both models.
@@ -24,7 +28,8 @@ def engine_overrides(model_path: str | os.PathLike, artifact_dir: str | os.PathL
     path = Path(model_path)
     identity = model_identity(path, path.name)
     load_artifact(artifact_dir, model=identity)
-    return {"architectures": [family_of(identity.architecture).sparse_class], "thresher_artifact": str(artifact_dir)}
+    return {"architectures": [family_of(identity.architecture).sparse_class], "thresher_artifact": str(artifact_dir),
+            ATTENTION_BUDGETS_KEY: attention_budgets}
 
 
 def register() -> None:

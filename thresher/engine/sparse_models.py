@@ -28,6 +28,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 
 from thresher.artifact import load_artifact, model_identity
 from thresher.engine.measurement import DecodeSparsityMeter
+from thresher.engine.plugin import ATTENTION_BUDGETS_KEY
 from thresher.engine.runner_hooks import model_state_cls
 from thresher.engine.selective_attention import RequestBudgets, install_selective_attention
 from thresher.engine.token_levels import TokenLevels
@@ -205,8 +206,8 @@ class SparseCausalLM:
             log.info("thresher: per-request steering after layer %d", assets.layer)
         self.attention_budgets = RequestBudgets(vllm_config.cache_config.block_size,
                                                 vllm_config.scheduler_config.max_num_seqs, device)
-        self.thresher_selects_pages = install_selective_attention([layer.self_attn.attn for layer in layers],
-                                                                  self.attention_budgets)
+        self.thresher_selects_pages = getattr(hf_config, ATTENTION_BUDGETS_KEY, True) and install_selective_attention(
+            [layer.self_attn.attn for layer in layers], self.attention_budgets)
         if self.thresher_selects_pages:
             per_token_states.append(self.attention_budgets)
             log.info("thresher: per-request attention budgets over %d-token KV pages",

