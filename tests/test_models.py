@@ -70,14 +70,16 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
 
 
 @pytest.mark.parametrize(("arguments", "expected"), [
-    (["--attention-budget", "64"], "must be 0 (dense attention) or at least 128, got 64"),
-    (["--attention-budget", "256", "--no-attention-budgets"], "a default budget (256) needs attention budgets"),
+    (["--attention-budget", "64"], "--attention-budget: must be 0 (dense attention) or at least 128, got 64"),
+    (["--attention-budget", "256", "--no-attention-budgets"],
+     "--attention-budget: a default budget (256) needs attention budgets"),
+    (["--engine-arg", "quantization=fp8"], "--engine-arg: quantization=fp8: thresher serves unquantized weights only"),
 ])
-def test_serve_refuses_an_attention_budget_it_cannot_apply(arguments, expected):
+def test_serve_refuses_settings_it_cannot_apply(arguments, expected):
     from tests.helpers import run_thresher
 
     result = run_thresher("serve", *arguments, "--port", "1")
     assert result.returncode == 2
     message = " ".join(result.stderr.replace("│", " ").split())  # rich wraps the error in a box
-    assert f"Invalid value for --attention-budget: {expected}" in message
+    assert f"Invalid value for {expected}" in message
     assert "serving" not in result.stderr

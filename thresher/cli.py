@@ -253,6 +253,11 @@ def _parse_engine_args(pairs: list[str]) -> dict:
             parsed[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key.replace("-", "_")] = value
+    if parsed.get("quantization"):
+        # the sparse kernels read FP8 weights (bench/kernels.py --quantization fp8), but the engine's quantized
+        # layers do not route to them yet
+        raise typer.BadParameter(f"quantization={parsed['quantization']}: thresher serves unquantized weights only "
+                                 "for now", param_hint="--engine-arg")
     return parsed
 
 
