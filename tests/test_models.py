@@ -73,7 +73,8 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
     (["--attention-budget", "64"], "--attention-budget: must be 0 (dense attention) or at least 128, got 64"),
     (["--attention-budget", "256", "--no-attention-budgets"],
      "--attention-budget: a default budget (256) needs attention budgets"),
-    (["--engine-arg", "quantization=fp8"], "--engine-arg: quantization=fp8: thresher serves unquantized weights only"),
+    (["--engine-arg", "quantization=fp8"], "--engine-arg: quantization=fp8: thresher serves unquantized weights"),
+    (["--engine-arg", "kv_cache_dtype=fp8"], "--engine-arg: kv_cache_dtype=fp8: thresher serves unquantized weights"),
 ])
 def test_serve_refuses_settings_it_cannot_apply(arguments, expected):
     from tests.helpers import run_thresher
@@ -83,3 +84,16 @@ def test_serve_refuses_settings_it_cannot_apply(arguments, expected):
     message = " ".join(result.stderr.replace("│", " ").split())  # rich wraps the error in a box
     assert f"Invalid value for {expected}" in message
     assert "serving" not in result.stderr
+
+
+def test_serve_refuses_a_quantized_checkpoint_before_calibrating_it(tmp_path):
+    from tests.helpers import build_tiny_model, run_thresher
+
+    build_tiny_model("LlamaForCausalLM", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run_thresher("serve", "--model", str(tmp_path), "--port", "1")
+    assert result.returncode == 2
+    assert "is a quantized checkpoint: thresher serves unquantized weights only" in result.stdout + result.stderr
+    assert "calibrat" not in (result.stdout + result.stderr).lower()

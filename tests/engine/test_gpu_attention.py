@@ -1,10 +1,10 @@
 """Attention budgets on a CUDA vLLM (GPU machine only): the Triton selection feeding FlashAttention.
 
 At the kernel level, FlashAttention over the compacted tables (with the split plan vLLM made for the dense lengths)
-is attention over exactly the selected tokens, and the whole step replays from a CUDA graph. In the engine (a
-2-layer Llama-3-8B-shaped model, dummy weights, CUDA graphs on, vLLM 0.26's V2 runner), a budget that covers the
-context is dense attention to the bit, a small one changes what decode reads, and a budgeted neighbour changes
-nothing for an unbudgeted request.
+is attention over exactly the selected tokens, and the whole step replays from a CUDA graph. In the engine (a small
+randomly initialised Llama with 128-wide heads, whose attention is far from uniform, unlike vLLM's dummy weights;
+CUDA graphs on, vLLM 0.26's V2 runner), a budget that covers the context is dense attention to the bit, a small one
+changes what decode reads, and a budgeted neighbour changes nothing for an unbudgeted request.
 """
 
 import json
@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from tests.helpers import build_tiny_model
 from thresher.artifact import Artifact, dense_thresholds, model_identity
 from thresher.engine import engine_overrides, request_extras
 from thresher.kernels import page_selection, triton_page_selection
@@ -128,12 +129,6 @@ def test_the_selected_step_replays_from_a_cuda_graph():
         assert torch.equal(captured, step()), budget
 
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": 32000,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
-    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-}
 PROMPT = 3000
 NEW_TOKENS = 8
 
@@ -142,12 +137,14 @@ NEW_TOKENS = 8
 def llm(tmp_path_factory):
     from vllm import LLM
 
-    model = tmp_path_factory.mktemp("llama8b-shape-long")
-    (model / "config.json").write_text(json.dumps(CONFIG))
-    identity = model_identity(model, "llama8b-shape-long")
+    model = tmp_path_factory.mktemp("tiny-llama-long")
+    build_tiny_model("LlamaForCausalLM", model, hidden_size=512, num_layers=2)  # 4 heads of 128, 2 KV heads
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 4096}))
+    identity = model_identity(model)
     artifact = tmp_path_factory.mktemp("artifact")
     Artifact(identity, [0.0], "synthetic", dense_thresholds(identity, 1)).save(artifact)
-    llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096,
+    llm = LLM(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096,
               max_num_seqs=4, gpu_memory_utilization=0.4, seed=0, enable_prefix_caching=False,
               hf_overrides=engine_overrides(model, artifact),
               worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")

@@ -170,7 +170,11 @@ PLATFORMS = {
 
 
 def attention_budgets_supported(impl) -> bool:
-    return type(impl).__name__ in PLATFORMS
+    """A platform the selection knows, full attention (a sliding window would apply to the compacted positions) and
+    a KV cache in the model's dtype (the summaries' share of memory, and the queries the bounds read, assume it)."""
+    window = getattr(impl, "sliding_window", None)
+    return (type(impl).__name__ in PLATFORMS and window in (None, -1, (-1, -1))
+            and getattr(impl, "kv_cache_dtype", "auto") == "auto")
 
 
 def install_selective_attention(attention_layers, budgets: RequestBudgets) -> bool:
@@ -197,10 +201,15 @@ def install_kv_memory_share() -> None:
     def determine_available_memory(self) -> int:
         available = original(self)
         if getattr(self.model_runner.get_model(), "thresher_selects_pages", False):
+            config = self.model_config
+            # the selection's scratch in the largest decode graph, which vLLM's profiling does not see
+            scratch = triton_page_selection.scratch_bytes(
+                self.scheduler_config.max_num_seqs, config.get_num_attention_heads(self.parallel_config),
+                -(-config.max_model_len // self.cache_config.block_size))
             share = summary_bytes_per_kv_byte(self.cache_config.block_size)
-            log.info("thresher: %.2f GiB of the KV cache's memory go to attention page summaries",
-                     available * share / (1 + share) / 2**30)
-            return int(available / (1 + share))
+            log.info("thresher: %.2f GiB of the KV cache's memory go to attention page summaries, %.2f GiB to the "
+                     "page selection's scratch", (available - scratch) * share / (1 + share) / 2**30, scratch / 2**30)
+            return int((available - scratch) / (1 + share))
         return available
 
     determine_available_memory._thresher_hooked = True

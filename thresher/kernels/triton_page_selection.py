@@ -17,6 +17,8 @@ CUDA graphs. One launch in the KV cache write, four in the forward:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ PAGE_TILE = 16  # pages per `_page_bounds` program
 @triton.jit
 def _fold_summaries(key_ptr, slot_ptr, summaries_ptr, tokens, key_token_stride, key_head_stride, block_size,
                     KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD: tl.constexpr, RUN: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     previous = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
     block = slot // block_size
@@ -64,6 +66,7 @@ def fold_summaries(summaries: torch.Tensor, key: torch.Tensor, slot_mapping: tor
     if tokens == 0:
         return
     assert key.stride(2) == 1 and summaries.is_contiguous()
+    assert key.shape[2] == triton.next_power_of_2(key.shape[2]), f"head size {key.shape[2]}: a power of two only"
     _fold_summaries[(tokens,)](key, slot_mapping, summaries, tokens, key.stride(0), key.stride(1), block_size,
                                KV_HEADS=key.shape[1], KV_BLOCK=triton.next_power_of_2(key.shape[1]),
                                HEAD=key.shape[2], RUN=block_size, num_warps=4)
@@ -75,7 +78,7 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                  HEAD: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
                  NATIVE_DOT: tl.constexpr):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
@@ -141,7 +144,7 @@ def _page_mass(bounds_ptr, head_max_ptr, head_sum_ptr, mass_ptr, seq_lens_ptr, b
                RECENT: tl.constexpr):
     """Per (sequence, tile): each candidate page's softmax mass summed over heads, as its fp32 bit pattern (masses are
     >= 0, so the patterns order as the masses do); -1 for the other pages, below every mass."""
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     num_pages = (tl.load(seq_lens_ptr + seq) + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
@@ -195,6 +198,19 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
         tl.store(lengths_ptr + seq, seq_len)
 
 
+def _scratch_shapes(seqs: int, heads: int, width: int) -> list[tuple[int, ...]]:
+    """The temporaries of one `select_pages` call, 4-byte elements: each head's page bounds, tile maxima and sums,
+    softmax maxima and sums, and the pages' masses."""
+    tiles = triton.cdiv(width, PAGE_TILE)
+    return [(seqs, heads, width), (seqs, heads, tiles), (seqs, heads, tiles), (seqs, heads), (seqs, heads),
+            (seqs, width)]
+
+
+def scratch_bytes(seqs: int, heads: int, width: int) -> int:
+    """The temporary memory of one `select_pages` call (the tables and lengths it returns are the size of vLLM's)."""
+    return 4 * sum(math.prod(shape) for shape in _scratch_shapes(seqs, heads, width))
+
+
 def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, budget_pages: torch.Tensor, block_size: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,14 +220,14 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     heads, head = query.shape[1], query.shape[2]
     kv_heads = summaries.shape[1]
     assert query.stride(1) == head and query.stride(2) == 1 and summaries.is_contiguous()
+    assert head == triton.next_power_of_2(head), f"head size {head}: a power of two only"
     tiles = triton.cdiv(width, PAGE_TILE)
     device = query.device
-    bounds = torch.empty(seqs, heads, width, dtype=torch.float32, device=device)
-    tile_max = torch.empty(seqs, heads, tiles, dtype=torch.float32, device=device)
-    tile_sum = torch.empty_like(tile_max)
-    head_max = torch.empty(seqs, heads, dtype=torch.float32, device=device)
-    head_sum = torch.empty_like(head_max)
-    mass = torch.empty(seqs, width, dtype=torch.int32, device=device)
+    shapes = _scratch_shapes(seqs, heads, width)
+    scratch = torch.empty(scratch_bytes(seqs, heads, width) // 4, dtype=torch.float32, device=device)
+    bounds, tile_max, tile_sum, head_max, head_sum, mass = (
+        part.view(shape) for part, shape in zip(scratch.split([math.prod(s) for s in shapes]), shapes))
+    mass = mass.view(torch.int32)
     compacted = torch.empty_like(block_table)
     lengths = torch.empty_like(seq_lens)
     if seqs == 0:
