@@ -1,4 +1,8 @@
-"""Shared fixtures: one converted embedded model and one small calibrated artifact for the whole session."""
+"""Shared fixtures: one converted embedded model and one small calibrated artifact for the whole session.
+
+Without a GPU, Triton kernels run in Triton's interpreter. `triton.jit` picks the interpreter when a kernel is
+defined, so TRITON_INTERPRET is set here, before any test module (whatever it imports) is collected.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers import run_thresher
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import run_thresher  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,5 @@
 """When the engine turns on Inductor's programmatic dependent launch: CUDA GPUs of compute capability 9+, unless
 the user set TORCHINDUCTOR_ENABLE_PDL.
-
-Inductor and the engine are imported inside the tests: importing triton at collection would come before the
-kernel tests set TRITON_INTERPRET on CPU machines.
 """
 
 import pytest

@@ -1,17 +1,12 @@
 """Page selection over a paged KV cache against its per-sequence reference: the torch version the CPU engine runs,
-and the Triton kernels GPUs run (on the CPU through TRITON_INTERPRET=1, set before triton is imported)."""
-
-import os
+and the Triton kernels GPUs run (on the CPU through TRITON_INTERPRET=1, `tests/conftest.py`)."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from thresher.kernels import page_selection, triton_page_selection  # noqa: E402
-from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES,  # noqa: E402
-                                             new_summaries, reference_selection, summary_bytes_per_kv_byte)
+from thresher.kernels import page_selection, triton_page_selection
+from thresher.kernels.page_selection import (MIN_BUDGET_PAGES, RECENT_PAGES, SINK_PAGES, new_summaries,
+                                             reference_selection, summary_bytes_per_kv_byte)
 
 BLOCK, KV_HEADS, HEADS, HEAD = 16, 2, 6, 32
 SCALE = HEAD**-0.5

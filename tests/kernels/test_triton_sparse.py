@@ -1,20 +1,13 @@
-"""The Triton sparse GEMV against the torch reference: on the CPU through TRITON_INTERPRET=1, on a GPU natively.
-
-TRITON_INTERPRET must be set before triton is imported, so this file sets it when no GPU is present.
-"""
-
-import os
+"""The Triton sparse GEMV against the torch reference: on the CPU through TRITON_INTERPRET=1 (`tests/conftest.py`),
+on a GPU natively."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from thresher.kernels.reference import (ADD_RMS_NORM, PLAIN, SILU_MUL, dequantized, fp8_weight,  # noqa: E402
-                                        produce_reference, sparse_linear_reference, threshold_activations)
-from thresher.kernels.triton_producers import produce_thresholded  # noqa: E402
-from thresher.kernels.triton_sparse import sparse_gemv  # noqa: E402
+from thresher.kernels.reference import (ADD_RMS_NORM, PLAIN, SILU_MUL, dequantized, fp8_weight, produce_reference,
+                                        sparse_linear_reference, threshold_activations)
+from thresher.kernels.triton_producers import produce_thresholded
+from thresher.kernels.triton_sparse import sparse_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small on the CPU interpreter; the GPU run adds Llama-3-8B shapes.

@@ -24,7 +24,7 @@ import torch
 
 from thresher.engine.extras import ATTENTION_EXTRA_ARG
 from thresher.engine.runner_hooks import ScheduledBatch
-from thresher.kernels import page_selection, triton_page_selection
+from thresher.kernels import page_selection
 from thresher.kernels.page_selection import new_summaries, summary_bytes_per_kv_byte
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,19 @@ def _flash_metadata(impl, layer, metadata, block_table, seq_lens, dtype):
     return dataclasses.replace(metadata, block_table=block_table, seq_lens=seq_lens)
 
 
+def _cpu_platform() -> Platform:
+    return Platform(page_selection.update_summaries, _select_rows, _cpu_metadata)
+
+
+def _flash_platform() -> Platform:
+    # imported only where FlashAttention runs: triton's import fixes its backend (the CPU tests interpret kernels)
+    from thresher.kernels import triton_page_selection
+
+    return Platform(triton_page_selection.fold_summaries, triton_page_selection.select_pages, _flash_metadata)
+
+
 # attention implementations the selection knows, by class name
-PLATFORMS = {
-    "CPUAttentionBackendImpl": Platform(page_selection.update_summaries, _select_rows, _cpu_metadata),
-    "FlashAttentionImpl": Platform(triton_page_selection.fold_summaries, triton_page_selection.select_pages,
-                                   _flash_metadata),
-}
+PLATFORMS = {"CPUAttentionBackendImpl": _cpu_platform, "FlashAttentionImpl": _flash_platform}
 
 
 def attention_budgets_supported(impl) -> bool:
@@ -183,7 +190,7 @@ def install_selective_attention(attention_layers, budgets: RequestBudgets) -> bo
     if not all(attention_budgets_supported(impl) for impl in impls):
         return False
     for impl in impls:
-        SelectiveAttention(impl, budgets, PLATFORMS[type(impl).__name__])
+        SelectiveAttention(impl, budgets, PLATFORMS[type(impl).__name__]())
     return True
 
 
@@ -201,6 +208,8 @@ def install_kv_memory_share() -> None:
     def determine_available_memory(self) -> int:
         available = original(self)
         if getattr(self.model_runner.get_model(), "thresher_selects_pages", False):
+            from thresher.kernels import triton_page_selection
+
             config = self.model_config
             # the selection's scratch in the largest decode graph, which vLLM's profiling does not see
             scratch = triton_page_selection.scratch_bytes(
