@@ -229,7 +229,7 @@ def steering_eval_command(
 
 
 def _memory_engine_args(gpu_memory_utilization: float | None, kv_cache_gib: float | None, on_gpu: bool,
-                        attention_budgets: bool = True) -> dict:
+                        attention_budgets: bool) -> dict:
     from thresher.kernels.page_selection import summary_bytes_per_kv_byte
 
     if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
@@ -358,7 +358,7 @@ def serve_command(
              "default 0.9 on GPU. On CPU the KV cache is sized by --kv-cache-gib unless this is given.")] = None,
     kv_cache_gib: Annotated[Optional[float], typer.Option(
         help="KV cache size in GiB, overriding --gpu-memory-utilization, the attention budgets' page summaries "
-             "included (1/32 of the cache on the CPU); default on CPU: 2 (a fraction of RAM breaks on machines whose "
+             "included when they are on (1/32 of the cache on the CPU, 1/16 on GPUs); default on CPU: 2 (a fraction of RAM breaks on machines whose "
              "NUMA node reports only part of their memory).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
