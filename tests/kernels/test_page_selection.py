@@ -90,6 +90,21 @@ def test_the_selection_follows_where_the_query_looks(implementation):
     assert target in pages and int(table[0, target]) in compacted[0, :MIN_BUDGET_PAGES].tolist()
 
 
+def test_the_kernels_break_ties_in_page_order():
+    """Pages whose keys are all alike have equal masses: the earliest candidates fill the budget."""
+    length, budget = 90 * BLOCK, 10
+    _, table, _ = _paged([length])
+    summaries = new_summaries(table.max() + 1, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
+    same = torch.randn(KV_HEADS, HEAD, generator=torch.Generator().manual_seed(2)).expand(length, -1, -1)
+    triton_page_selection.fold_summaries(summaries, same.contiguous(), table[0, torch.arange(length) // BLOCK].long()
+                                         * BLOCK + torch.arange(length) % BLOCK, BLOCK)
+    query = torch.randn(1, HEADS, HEAD, generator=torch.Generator().manual_seed(3))
+    compacted, lengths = _triton_select(query, summaries, table, torch.tensor([length]), torch.tensor([budget]))
+    picks = budget - SINK_PAGES - RECENT_PAGES
+    pages = [*range(SINK_PAGES + picks), *range(90 - RECENT_PAGES, 90)]
+    assert compacted[0, :budget].tolist() == table[0, pages].tolist() and int(lengths[0]) == budget * BLOCK
+
+
 @pytest.mark.parametrize("implementation", UPDATES)
 def test_a_reused_block_starts_a_fresh_summary(implementation):
     update_summaries = UPDATES[implementation]
