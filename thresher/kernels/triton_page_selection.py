@@ -13,6 +13,9 @@ CUDA graphs. One launch in the KV cache write, two in the forward:
    over the masses' fp32 bit patterns, a byte per pass (ties taken in page order), written compacted, in context
    order, with the length of the shorter context. A sequence without a budget, or whose context fits in it, gets its
    own table and length (and step 2 does nothing for it).
+
+On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
+a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import triton
 import triton.language as tl
 
 from thresher.kernels.page_selection import RECENT_PAGES, SINK_PAGES
+from thresher.kernels.triton_sparse import wait_for_previous_kernel, supports_pdl
 
 PAGE_TILE = 64  # pages per `_page_bounds` program (one KV head each)
 SELECT_CHUNK = 256  # pages per step of `_select`'s mass pass
@@ -31,7 +35,9 @@ SELECT_CHUNK = 256  # pages per step of `_select`'s mass pass
 
 @triton.jit
 def _fold_summaries(key_ptr, slot_ptr, summaries_ptr, tokens, key_token_stride, key_head_stride, block_size,
-                    KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD: tl.constexpr, RUN: tl.constexpr):
+                    KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD: tl.constexpr, RUN: tl.constexpr,
+                    USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     previous = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
@@ -68,9 +74,10 @@ def fold_summaries(summaries: torch.Tensor, key: torch.Tensor, slot_mapping: tor
         return
     assert key.stride(2) == 1 and summaries.is_contiguous()
     assert key.shape[2] == triton.next_power_of_2(key.shape[2]), f"head size {key.shape[2]}: a power of two only"
+    pdl = supports_pdl(key.device)
     _fold_summaries[(tokens,)](key, slot_mapping, summaries, tokens, key.stride(0), key.stride(1), block_size,
                                KV_HEADS=key.shape[1], KV_BLOCK=triton.next_power_of_2(key.shape[1]),
-                               HEAD=key.shape[2], RUN=block_size, num_warps=4)
+                               HEAD=key.shape[2], RUN=block_size, USE_GDC=pdl, launch_pdl=pdl, num_warps=4)
 
 
 @triton.jit
@@ -78,7 +85,8 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
                  seq_lens_ptr, budget_ptr, bounds_ptr, tile_max_ptr, tile_sum_ptr, width, tiles, block_size, scale,
                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                  HEAD: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
-                 NATIVE_DOT: tl.constexpr):
+                 NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -124,7 +132,8 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
 def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, mass_ptr, table_ptr, table_stride, out_ptr, out_stride,
             seq_lens_ptr, budget_ptr, lengths_ptr, width, tiles, block_size, HEADS: tl.constexpr,
             HEADS_BLOCK: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr, PAGES: tl.constexpr,
-            CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr):
+            CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
@@ -221,15 +230,18 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     if seqs == 0:
         return compacted, lengths
     native_dot = device.type == "cuda" and summaries.dtype != torch.float32
+    pdl = supports_pdl(device)
     _page_bounds[(seqs, tiles, kv_heads)](
         query, query_start_loc, query.stride(0), summaries, block_table, block_table.stride(0), seq_lens,
         budget_pages, bounds, tile_max, tile_sum, width, tiles, block_size, scale, HEADS=heads, KV_HEADS=kv_heads,
         GROUP=heads // kv_heads, GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)), HEAD=head,
-        TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot, num_warps=4)
+        TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot, USE_GDC=pdl, launch_pdl=pdl,
+        num_warps=4)
     pages = triton.next_power_of_2(width)
     _select[(seqs,)](bounds, tile_max, tile_sum, mass, block_table, block_table.stride(0), compacted,
                      compacted.stride(0), seq_lens, budget_pages, lengths, width, tiles, block_size, HEADS=heads,
                      HEADS_BLOCK=triton.next_power_of_2(heads), TILES=triton.next_power_of_2(tiles),
                      TILE=PAGE_TILE, PAGES=pages, CHUNK=min(pages, SELECT_CHUNK), SINKS=SINK_PAGES,
-                     RECENT=RECENT_PAGES, num_warps=8 if pages >= 2048 else 4)
+                     RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl,
+                     num_warps=min(32, max(4, pages // 512)))
     return compacted, lengths
