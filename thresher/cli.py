@@ -154,6 +154,10 @@ def eval_command(
     report_dir: Annotated[Optional[Path], typer.Option(
         help="Where report.json/png go (created if missing); default: first artifact.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
+    fp8_weights: Annotated[bool, typer.Option(
+        "--fp8-weights", help="Also score every level with the projection weights rounded to FP8 (e4m3, a scale per "
+                              "output channel, as vLLM's --quantization fp8 makes them), each against the same level "
+                              "with the model's own weights.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Perplexity of the dense model and of every calibrated level, with its KL divergence from the dense model and
@@ -181,7 +185,7 @@ def eval_command(
         raise typer.BadParameter("give an artifact directory, or --long-context", param_hint="--artifact")
     try:
         report = evaluate_artifacts(artifact, model=model, data_path=data, eval_tokens=max_tokens,
-                                    report_dir=report_dir, device=device)
+                                    report_dir=report_dir, device=device, fp8_weights=fp8_weights)
     except (ModelError, DataError, ArtifactError) as error:
         _fail_on_user_error(error)
     if as_json:

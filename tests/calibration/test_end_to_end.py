@@ -28,7 +28,7 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
 def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_path):
     report_dir = tmp_path / "reports" / "new"  # made by eval
     result = run_thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
-                       "--report-dir", str(report_dir))
+                       "--report-dir", str(report_dir), "--fp8-weights")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "SmolLM2-135M-Instruct" and report["tokens"] == 512
@@ -43,6 +43,14 @@ def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_p
     assert second["perplexity"] > max(dense, first["perplexity"])
     assert 0 < first["kl_from_dense"] < second["kl_from_dense"]
     assert (report_dir / "report.json").exists() and (report_dir / "report.png").exists()
+    # the same levels with FP8 weights: close to, not the same as, the model's own weights
+    fp8 = report["fp8_weights"]
+    assert [e["level"] for e in fp8["levels"]] == [0.25, 0.5]
+    assert fp8["dense"]["perplexity"] != dense and abs(fp8["dense"]["vs_own_weights"]) < 0.05
+    assert 0 < fp8["dense"]["kl_from_dense"] < first["kl_from_dense"]
+    for rounded, own in zip(fp8["levels"], report["levels"]):
+        assert rounded["vs_own_weights"] == pytest.approx(rounded["perplexity"] / own["perplexity"] - 1, abs=1e-4)
+        assert abs(rounded["vs_own_weights"]) < 0.1  # 512 tokens: the 25% level moved 7.5% here, 1.9% on 4,096
 
 
 def test_level_zero_is_exactly_the_dense_model(small_artifact, hf_model):

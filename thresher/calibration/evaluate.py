@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thresher.calibration.statistics import projection_groups
-from thresher.kernels.reference import threshold_activations
+from thresher.kernels.reference import dequantized, fp8_weight, threshold_activations
 
 
 @dataclass
@@ -59,6 +59,27 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def fp8_weights_applied(model):
+    """Within the block, every projection weight of `model` is what FP8 serving computes with: rounded to e4m3 with a
+    scale per output channel (`reference.fp8_weight`, as vLLM's `--quantization fp8` makes them), widened back. The
+    activations stay as they are, as in the sparse kernel's FP8 path (vLLM's dense FP8 GEMM also rounds each token's
+    activations to FP8: not modelled here)."""
+    originals = []
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for group in projection_groups(model):
+                for path in group.hf_modules:
+                    weight = layer.get_submodule(path).weight
+                    originals.append((weight, weight.data))
+                    weight.data = dequantized(*fp8_weight(weight.data)).to(weight.dtype)
+    try:
+        yield
+    finally:
+        for weight, data in originals:
+            weight.data = data
 
 
 def dense_log_probs(model, ids: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -13,8 +14,8 @@ import torch
 from thresher import data
 from thresher.artifact import Artifact, load_artifact, model_identity
 from thresher.calibration.catalog import build_feature_catalog
-from thresher.calibration.evaluate import (Fidelity, SparsityMeter, compare_with_dense, level_thresholds, sae_spliced,
-                                          thresholds_applied)
+from thresher.calibration.evaluate import (Fidelity, SparsityMeter, compare_with_dense, fp8_weights_applied,
+                                          level_thresholds, sae_spliced, thresholds_applied)
 from thresher.calibration.report import write_report
 from thresher.calibration.refine import RefineConfig, refine_thresholds_end_to_end
 from thresher.calibration.sae_finetune import FineTuneConfig, finetune_sae_end_to_end
@@ -191,9 +192,12 @@ def evaluate_artifacts(
     hf_model=None,
     tokenizer=None,
     device: str = "auto",
+    fp8_weights: bool = False,
 ) -> dict:
     """Perplexity of the dense model, and perplexity, KL divergence from the dense model and measured sparsity of
     every level of every artifact (all fitted on the same model); the SAE's quality if the first artifact has one.
+    With `fp8_weights`, the same again with FP8 weights (`fp8_weights_applied`), each against its level with the
+    model's own weights.
 
     The model is `model`, else the one the first artifact was calibrated from; a mismatch is an ArtifactError. It
     runs on `device` unless `hf_model` is given.
@@ -215,6 +219,10 @@ def evaluate_artifacts(
             meters[number, index] = SparsityMeter()
             variants[number, index] = functools.partial(
                 thresholds_applied, hf_model, level_thresholds(artifact.thresholds, index), meters[number, index])
+    if fp8_weights:
+        variants["fp8"] = functools.partial(fp8_weights_applied, hf_model)
+        for key in list(meters):
+            variants[("fp8", *key)] = functools.partial(_stacked, variants["fp8"], variants[key])
     assets = SteeringAssets(first.path, identity.hidden_size)
     sae = None if assets.sae is None else assets.sae.to(hf_model.device)
     if sae is not None:
@@ -230,11 +238,30 @@ def evaluate_artifacts(
                     "kl_from_dense": round(scores[number, index].kl_from_dense, 4)}
                    for (number, index), meter in meters.items()],
     }
+    if fp8_weights:
+        report["fp8_weights"] = {
+            "dense": {"perplexity": scores["fp8"].perplexity, "kl_from_dense": round(scores["fp8"].kl_from_dense, 4),
+                      "vs_own_weights": round(scores["fp8"].perplexity / dense - 1, 5)},
+            "levels": [{"level": loaded[number].levels[index], "method": loaded[number].method,
+                        "perplexity": scores["fp8", number, index].perplexity,
+                        "kl_from_dense": round(scores["fp8", number, index].kl_from_dense, 4),
+                        "vs_own_weights": round(scores["fp8", number, index].perplexity
+                                                / scores[number, index].perplexity - 1, 5)}
+                       for number, index in meters],
+        }
     if sae is not None:
         report["sae"] = evaluate_sae(hf_model, windows, sae, dense, scores["sae"],
                                      live_features=len(assets.catalog))
     write_report(report, report_dir or first.path)
     return report
+
+
+@contextlib.contextmanager
+def _stacked(*factories):
+    with contextlib.ExitStack() as stack:
+        for factory in factories:
+            stack.enter_context(factory())
+        yield
 
 
 def evaluate_sae(model, windows: list[list[int]], sae: SparseAutoencoder, dense_perplexity: float, spliced: Fidelity,

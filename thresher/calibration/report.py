@@ -51,6 +51,16 @@ def print_report(report: dict, console: Console | None = None) -> None:
                       f"{e['perplexity'] / dense - 1:+.1%}", f"{e['kl_from_dense']:.4f}")
     console = console or Console()
     console.print(table)
+    if "fp8_weights" in report:
+        fp8 = report["fp8_weights"]
+        table = Table(title="FP8 weights (e4m3, a scale per output channel)")
+        for column in ("method", "level", "perplexity", "vs the same level, own weights", "KL from dense"):
+            table.add_column(column, justify="right" if column != "method" else "left")
+        rows = [("dense", 0.0, fp8["dense"])] + [(e["method"], e["level"], e) for e in fp8["levels"]]
+        for method, level, e in rows:
+            table.add_row(method, f"{level:.0%}", f"{e['perplexity']:.3f}", f"{e['vs_own_weights']:+.2%}",
+                          f"{e['kl_from_dense']:.4f}")
+        console.print(table)
     if "sae" in report:
         sae = report["sae"]
         console.print(f"SAE after layer {sae['layer']} ({sae['d_sae']} latents, k={sae['k']}): held-out FVU "
