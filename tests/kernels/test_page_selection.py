@@ -90,6 +90,24 @@ def test_the_selection_follows_where_the_query_looks(implementation):
     assert target in pages and int(table[0, target]) in compacted[0, :MIN_BUDGET_PAGES].tolist()
 
 
+def test_the_kernels_select_over_contexts_longer_than_their_chunks():
+    """2,500 pages, more than `_select` takes in one step, half of them chosen: the same tables as torch."""
+    pages, budget = 2500, 1250
+    generator = torch.Generator().manual_seed(4)
+    table = torch.randperm(pages + 7, generator=generator)[: pages + 3].int().view(1, -1)
+    keys = torch.randn(pages * BLOCK, KV_HEADS, HEAD, generator=generator)
+    summaries = new_summaries(pages + 7, KV_HEADS, HEAD, torch.float32, torch.device("cpu"))
+    positions = torch.arange(pages * BLOCK)
+    page_selection.update_summaries(summaries, keys, table[0, positions // BLOCK].long() * BLOCK
+                                    + positions % BLOCK, BLOCK)
+    query = torch.randn(1, HEADS, HEAD, generator=generator)
+    lengths, budgets = torch.tensor([pages * BLOCK - 5]), torch.tensor([budget])
+    expected = _torch_select(query, summaries, table, lengths, budgets)
+    compacted, selected = _triton_select(query, summaries, table, lengths, budgets)
+    assert torch.equal(selected, expected[1].int()) and int(selected[0]) == budget * BLOCK - 5
+    assert torch.equal(compacted, expected[0])
+
+
 def test_the_kernels_break_ties_in_page_order():
     """Pages whose keys are all alike have equal masses: the earliest candidates fill the budget."""
     length, budget = 90 * BLOCK, 10

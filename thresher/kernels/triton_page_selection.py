@@ -30,7 +30,8 @@ from thresher.kernels.page_selection import RECENT_PAGES, SINK_PAGES
 from thresher.kernels.triton_sparse import wait_for_previous_kernel, supports_pdl
 
 PAGE_TILE = 64  # pages per `_page_bounds` program (one KV head each)
-SELECT_CHUNK = 256  # pages per step of `_select`'s mass pass
+SELECT_CHUNK = 1024  # pages per step of `_select`'s passes over a context
+MASS_CHUNK = 256  # pages per step of its pass that reads every head's bounds
 
 
 @triton.jit
@@ -131,16 +132,18 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
 @triton.jit
 def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, mass_ptr, table_ptr, table_stride, out_ptr, out_stride,
             seq_lens_ptr, budget_ptr, lengths_ptr, width, tiles, block_size, HEADS: tl.constexpr,
-            HEADS_BLOCK: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr, PAGES: tl.constexpr,
-            CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
+            HEADS_BLOCK: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+            MASS_CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
     wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
-    pages = tl.arange(0, PAGES)
-    in_table = pages < width
-    blocks = tl.load(table_ptr + seq * table_stride + pages, mask=in_table, other=0)
+    table = table_ptr + seq * table_stride
+    out = out_ptr + seq * out_stride
+    offsets = tl.arange(0, CHUNK)
+    kept = tl.full((), 0, tl.int32)  # the table's first `kept` entries are the pages read; later ones stay as they are
+    length = seq_len
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
         # each head's softmax maximum and sum of exponentials over the tiles `_page_bounds` wrote
         heads = tl.arange(0, HEADS_BLOCK)
@@ -149,51 +152,56 @@ def _select(bounds_ptr, tile_max_ptr, tile_sum_ptr, mass_ptr, table_ptr, table_s
         used = real[:, None] & (tile_index < (num_pages + TILE - 1) // TILE)[None, :]
         stats = (seq * HEADS + heads[:, None]) * tiles + tile_index[None, :]
         tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
-        top = tl.max(tile_max, axis=1)
-        top = tl.where(real, top, 0.0)
+        top = tl.where(real, tl.max(tile_max, axis=1), 0.0)
         total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top[:, None]), axis=1)
         total = tl.where(real, total, 1.0)
         # each candidate page's softmax mass summed over heads, as its fp32 bit pattern (masses are >= 0, so the
         # patterns order as the masses do); -1 for the other pages, below every mass
-        for start in range(0, num_pages, CHUNK):
-            chunk = start + tl.arange(0, CHUNK)
-            candidate = (chunk >= SINKS) & (chunk < num_pages - RECENT)
-            bound = tl.load(bounds_ptr + (seq * HEADS + heads[:, None]) * width + chunk[None, :],
+        masses = mass_ptr + seq * width
+        for start in range(0, num_pages, MASS_CHUNK):
+            pages = start + tl.arange(0, MASS_CHUNK)
+            candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
+            bound = tl.load(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :],
                             mask=real[:, None] & candidate[None, :], other=float("-inf"))
             mass = tl.sum(tl.exp(bound - top[:, None]) / total[:, None], axis=0)
-            tl.store(mass_ptr + seq * width + chunk, tl.where(candidate, mass.to(tl.int32, bitcast=True), -1),
-                     mask=chunk < width)
-        tl.debug_barrier()  # the masses this program's threads wrote, read back whole by other threads
-        bits = tl.load(mass_ptr + seq * width + pages, mask=pages < num_pages, other=-1)
-        # the `picks`-th largest mass, one byte of its bit pattern per pass from the top (a radix select); `needed`
-        # ends as how many of the masses equal to it to take, in page order
-        picks = budget - SINKS - RECENT
-        needed = picks
+            tl.store(masses + pages, tl.where(candidate, mass.to(tl.int32, bitcast=True), -1), mask=pages < num_pages)
+        tl.debug_barrier()  # the masses this program's threads wrote are read back by other threads
+        # the `picks`-th largest mass, one byte of its bit pattern per pass from the top (a radix select over the
+        # context's pages, not the table's width); `needed` ends as how many masses equal to it to take, in page order
+        needed = budget - SINKS - RECENT
         threshold = tl.full((), 0, tl.int32)
         digits = tl.arange(0, 256)
         for byte in range(4):
             shift = 24 - 8 * byte
-            # the masses whose higher bytes match the threshold's so far (every candidate in the first pass)
-            match = (bits >= 0) & ((bits >> shift >> 8) == (threshold >> shift >> 8))
-            counts = tl.histogram(tl.where(match, (bits >> shift) & 0xFF, 0), 256)
-            counts -= tl.where(digits == 0, PAGES - tl.sum(match.to(tl.int32), axis=0), 0)
+            counts = tl.zeros((256,), tl.int32)
+            for start in range(0, num_pages, CHUNK):
+                pages = start + offsets
+                bits = tl.load(masses + pages, mask=pages < num_pages, other=-1)
+                # the masses whose higher bytes match the threshold's so far (every candidate in the first pass)
+                match = (bits >= 0) & ((bits >> shift >> 8) == (threshold >> shift >> 8))
+                counts += tl.histogram(tl.where(match, (bits >> shift) & 0xFF, 0), 256)
+                counts -= tl.where(digits == 0, CHUNK - tl.sum(match.to(tl.int32), axis=0), 0)
             at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matches with digit >= d
             digit = tl.max(tl.where(at_least >= needed, digits, -1), axis=0)
             needed -= tl.sum(tl.where(digits == digit, at_least - counts, 0), axis=0)
             threshold = threshold | (digit << shift)
-        above = bits > threshold
-        ties = bits == threshold
-        chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= needed))
-        keep = (pages < SINKS) | ((pages >= num_pages - RECENT) & (pages < num_pages)) | chosen
-        position = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + seq * out_stride + position, blocks, mask=keep)
-        kept = tl.sum(keep.to(tl.int32), axis=0)
-        tl.store(out_ptr + seq * out_stride + pages, blocks, mask=in_table & (pages >= kept))
-        last_fill = seq_len - (num_pages - 1) * block_size
-        tl.store(lengths_ptr + seq, (kept - 1) * block_size + last_fill)
-    else:
-        tl.store(out_ptr + seq * out_stride + pages, blocks, mask=in_table)
-        tl.store(lengths_ptr + seq, seq_len)
+        # the sinks, the chosen pages and the newest pages, compacted in context order
+        ties_before = tl.full((), 0, tl.int32)
+        for start in range(0, num_pages, CHUNK):
+            pages = start + offsets
+            bits = tl.load(masses + pages, mask=pages < num_pages, other=-1)
+            ties = bits == threshold
+            chosen = (bits > threshold) | (ties & (ties_before + tl.cumsum(ties.to(tl.int32), axis=0) <= needed))
+            keep = (pages < SINKS) | ((pages >= num_pages - RECENT) & (pages < num_pages)) | chosen
+            blocks = tl.load(table + pages, mask=keep)
+            tl.store(out + kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, blocks, mask=keep)
+            kept += tl.sum(keep.to(tl.int32), axis=0)
+            ties_before += tl.sum(ties.to(tl.int32), axis=0)
+        length = (kept - 1) * block_size + seq_len - (num_pages - 1) * block_size
+    for start in range(kept, width, CHUNK):
+        pages = start + offsets
+        tl.store(out + pages, tl.load(table + pages, mask=pages < width), mask=pages < width)
+    tl.store(lengths_ptr + seq, length)
 
 
 def _scratch_shapes(seqs: int, heads: int, width: int) -> list[tuple[int, ...]]:
@@ -237,11 +245,9 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
         GROUP=heads // kv_heads, GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)), HEAD=head,
         TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot, USE_GDC=pdl, launch_pdl=pdl,
         num_warps=4)
-    pages = triton.next_power_of_2(width)
     _select[(seqs,)](bounds, tile_max, tile_sum, mass, block_table, block_table.stride(0), compacted,
                      compacted.stride(0), seq_lens, budget_pages, lengths, width, tiles, block_size, HEADS=heads,
                      HEADS_BLOCK=triton.next_power_of_2(heads), TILES=triton.next_power_of_2(tiles),
-                     TILE=PAGE_TILE, PAGES=pages, CHUNK=min(pages, SELECT_CHUNK), SINKS=SINK_PAGES,
-                     RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl,
-                     num_warps=min(32, max(4, pages // 512)))
+                     TILE=PAGE_TILE, CHUNK=SELECT_CHUNK, MASS_CHUNK=MASS_CHUNK, SINKS=SINK_PAGES,
+                     RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl, num_warps=8)
     return compacted, lengths
