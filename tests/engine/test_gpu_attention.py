@@ -182,9 +182,11 @@ def test_a_covering_budget_is_dense_attention_and_a_small_one_reads_its_pages(ll
 
 
 def test_a_budgeted_neighbour_changes_nothing_for_an_unbudgeted_request(llm):
-    """The same two-request batch shape twice: the second request's output does not depend on whether its neighbour
-    has a budget."""
-    with_budget = _generate(llm, [256, 0], [1, 2])
-    without = _generate(llm, [0, 0], [1, 2])
-    assert with_budget[1] == without[1]
+    """The same three-request batch shape twice: the unbudgeted requests' outputs do not depend on whether their
+    neighbour has a budget. Three rows, because decode batches of 1-2 rows run the sparse kernel, which adds its
+    partial sums with atomics: their last bits vary from run to run, budgets or not (seen on an H100 with two rows);
+    from three rows the projections run cuBLAS, and a fixed batch is deterministic."""
+    with_budget = _generate(llm, [256, 0, 0], [1, 2, 3])
+    without = _generate(llm, [0, 0, 0], [1, 2, 3])
+    assert with_budget[1:] == without[1:]
     assert with_budget[0] != without[0]
