@@ -20,9 +20,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the patch below must reach the engine's model
-os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-
 PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
 
 
@@ -80,4 +77,6 @@ def main(architecture: str, directory: Path) -> dict:
 
 
 if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the dispatch patch must reach the engine's model
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     print(json.dumps(main(sys.argv[1], Path(sys.argv[2]))))
