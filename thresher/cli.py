@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from thresher.calibration.pipeline import (DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEVELS, SAEOptions, calibrate,
                                           evaluate_artifacts)
+from thresher.calibration.evaluate import FP8_SCALES
 from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
@@ -154,10 +155,11 @@ def eval_command(
     report_dir: Annotated[Optional[Path], typer.Option(
         help="Where report.json/png go (created if missing); default: first artifact.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
-    fp8_weights: Annotated[bool, typer.Option(
-        "--fp8-weights", help="Also score every level with the projection weights rounded to FP8 (e4m3, a scale per "
-                              "output channel, as vLLM's --quantization fp8 makes them), each against the same level "
-                              "with the model's own weights.")] = False,
+    fp8_weights: Annotated[Optional[str], typer.Option(
+        "--fp8-weights", help="Also score every level with the projection weights rounded to FP8 (e4m3) with "
+                              "'per-channel' scales (FP8 checkpoints, thresher's sparse kernel) or 'per-tensor' ones "
+                              "(vLLM's online --quantization fp8), each against the same level with the model's own "
+                              "weights.")] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Perplexity of the dense model and of every calibrated level, with its KL divergence from the dense model and
@@ -167,7 +169,13 @@ def eval_command(
     from thresher.data import DataError
     from thresher.models import ModelError
 
+    if fp8_weights is not None and fp8_weights not in FP8_SCALES:
+        raise typer.BadParameter(f"expected one of {', '.join(FP8_SCALES)}, got {fp8_weights!r}",
+                                 param_hint="--fp8-weights")
     if long_context:
+        if fp8_weights is not None:
+            raise typer.BadParameter("scores sparsity levels; --long-context scores attention budgets",
+                                     param_hint="--fp8-weights")
         from thresher.calibration.long_context import long_context_eval
 
         try:

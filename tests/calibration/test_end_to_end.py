@@ -28,7 +28,7 @@ def test_calibrate_writes_a_verified_artifact_and_report(small_artifact, embedde
 def test_eval_json_reports_perplexity_rising_with_sparsity(small_artifact, tmp_path):
     report_dir = tmp_path / "reports" / "new"  # made by eval
     result = run_thresher("eval", "--artifact", str(small_artifact), "--max-tokens", "512", "--json",
-                       "--report-dir", str(report_dir), "--fp8-weights")
+                       "--report-dir", str(report_dir), "--fp8-weights", "per-channel")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "SmolLM2-135M-Instruct" and report["tokens"] == 512

@@ -52,3 +52,7 @@ def test_long_context_eval_beats_streaming_at_every_budget(embedded_model, tmp_p
     assert bad.returncode != 0 and "budget 2048" in bad.stderr
     few = run_thresher("eval", "--long-context", "--context", "1024", "--budgets", "32")
     assert few.returncode != 0 and "leaves no page to choose" in few.stderr
+    fp8 = run_thresher("eval", "--long-context", "--fp8-weights", "per-channel")
+    assert fp8.returncode == 2 and "--fp8-weights" in fp8.stderr and "attention budgets" in fp8.stderr
+    scales = run_thresher("eval", "--artifact", str(tmp_path), "--fp8-weights", "per-row")
+    assert scales.returncode == 2 and "per-tensor, per-channel" in scales.stderr

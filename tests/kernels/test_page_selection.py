@@ -91,7 +91,7 @@ def test_the_selection_follows_where_the_query_looks(implementation):
 
 
 def test_the_kernels_select_over_contexts_longer_than_their_chunks():
-    """2,500 pages, more than `_select` takes in one step, half of them chosen: the same tables as torch."""
+    """A 2,500-page context, half of it chosen: the same tables as torch."""
     pages, budget = 2500, 1250
     generator = torch.Generator().manual_seed(4)
     table = torch.randperm(pages + 7, generator=generator)[: pages + 3].int().view(1, -1)

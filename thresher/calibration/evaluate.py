@@ -61,21 +61,26 @@ def thresholds_applied(model, thresholds: dict[str, torch.Tensor], meter: Sparsi
             handle.remove()
 
 
+FP8_SCALES = ("per-tensor", "per-channel")
+
+
 @contextlib.contextmanager
-def fp8_weights_applied(model):
-    """Within the block, every projection weight of `model` is what FP8 serving computes with: rounded to e4m3 with a
-    scale per output channel (`reference.fp8_weight`, as vLLM's `--quantization fp8` makes them), widened back. The
-    activations stay as they are, as in the sparse kernel's FP8 path (vLLM's dense FP8 GEMM also rounds each token's
-    activations to FP8: not modelled here)."""
+def fp8_weights_applied(model, scales: str = "per-channel"):
+    """Within the block, every projection weight of `model` is what FP8 serving computes with: rounded to e4m3 and
+    widened back, with one scale per output channel (as FP8 checkpoints hold them, and thresher's sparse kernel
+    reads them) or one per tensor (as vLLM 0.26's online `--quantization fp8` makes them). The activations stay as
+    they are, as in the sparse kernel's FP8 path (vLLM's dense FP8 GEMM also rounds each token's activations to FP8:
+    not modelled here)."""
     originals = []
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for group in projection_groups(model):
-                for path in group.hf_modules:
-                    weight = layer.get_submodule(path).weight
-                    originals.append((weight, weight.data))
-                    weight.data = dequantized(*fp8_weight(weight.data)).to(weight.dtype)
     try:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for group in projection_groups(model):
+                    for path in group.hf_modules:
+                        weight = layer.get_submodule(path).weight
+                        originals.append((weight, weight.data))
+                        rounded = fp8_weight(weight.data, per_channel=scales == "per-channel")
+                        weight.data = dequantized(*rounded).to(weight.dtype)
         yield
     finally:
         for weight, data in originals:

@@ -192,12 +192,12 @@ def evaluate_artifacts(
     hf_model=None,
     tokenizer=None,
     device: str = "auto",
-    fp8_weights: bool = False,
+    fp8_weights: str | None = None,
 ) -> dict:
     """Perplexity of the dense model, and perplexity, KL divergence from the dense model and measured sparsity of
     every level of every artifact (all fitted on the same model); the SAE's quality if the first artifact has one.
-    With `fp8_weights`, the same again with FP8 weights (`fp8_weights_applied`), each against its level with the
-    model's own weights.
+    With `fp8_weights` ("per-tensor" or "per-channel" scales), the same again with FP8 weights
+    (`fp8_weights_applied`), each against its level with the model's own weights.
 
     The model is `model`, else the one the first artifact was calibrated from; a mismatch is an ArtifactError. It
     runs on `device` unless `hf_model` is given.
@@ -220,9 +220,11 @@ def evaluate_artifacts(
             variants[number, index] = functools.partial(
                 thresholds_applied, hf_model, level_thresholds(artifact.thresholds, index), meters[number, index])
     if fp8_weights:
-        variants["fp8"] = functools.partial(fp8_weights_applied, hf_model)
-        for key in list(meters):
-            variants[("fp8", *key)] = functools.partial(_stacked, variants["fp8"], variants[key])
+        variants["fp8"] = functools.partial(fp8_weights_applied, hf_model, fp8_weights)
+        for number, index in meters:
+            thresholds = functools.partial(thresholds_applied, hf_model,
+                                           level_thresholds(loaded[number].thresholds, index))
+            variants["fp8", number, index] = functools.partial(_stacked, variants["fp8"], thresholds)
     assets = SteeringAssets(first.path, identity.hidden_size)
     sae = None if assets.sae is None else assets.sae.to(hf_model.device)
     if sae is not None:
@@ -240,6 +242,7 @@ def evaluate_artifacts(
     }
     if fp8_weights:
         report["fp8_weights"] = {
+            "scales": fp8_weights,
             "dense": {"perplexity": scores["fp8"].perplexity, "kl_from_dense": round(scores["fp8"].kl_from_dense, 4),
                       "vs_own_weights": round(scores["fp8"].perplexity / dense - 1, 5)},
             "levels": [{"level": loaded[number].levels[index], "method": loaded[number].method,

@@ -53,7 +53,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console.print(table)
     if "fp8_weights" in report:
         fp8 = report["fp8_weights"]
-        table = Table(title="FP8 weights (e4m3, a scale per output channel)")
+        table = Table(title=f"FP8 weights (e4m3, {fp8['scales']} scales)")
         for column in ("method", "level", "perplexity", "vs the same level, own weights", "KL from dense"):
             table.add_column(column, justify="right" if column != "method" else "left")
         rows = [("dense", 0.0, fp8["dense"])] + [(e["method"], e["level"], e) for e in fp8["levels"]]
