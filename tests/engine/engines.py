@@ -4,6 +4,7 @@ steering specs (sent as the server sends them), and the engine's own sparsity me
 from __future__ import annotations
 
 import gc
+import math
 
 from thresher.engine import SPARSITY_EXTRA_ARG, request_extras
 
@@ -13,6 +14,15 @@ MAX_TOKENS = 12
 # measured 47.8-50.5% over test-sized and default artifacts, refined or not (the default greedy one 49.2 / 47.8%);
 # 32 tokens 48.6-50.6%, 64 tokens 49.1-50.9%.
 DECODE_TOKENS = 32
+
+
+# token-id prompts for engines without a tokenizer (the tiny random models)
+TOKEN_PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
+
+
+def logprob_distance(row: dict[int, float], reference: dict[int, float]) -> float:
+    """The largest log-probability difference over the tokens both top-k rows hold (inf when they share none)."""
+    return max((abs(row[t] - reference[t]) for t in row.keys() & reference.keys()), default=math.inf)
 
 
 def start_engine(model_path, **kwargs):

@@ -15,13 +15,9 @@ vLLM's environment for the rest of the process.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
-
-PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
-
 
 def _keep_weights() -> None:
     import torch
@@ -48,14 +44,16 @@ def _top8(llm, level) -> list[dict[int, float]]:
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=8,
                             extra_args=None if level is None else {SPARSITY_EXTRA_ARG: level})
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
+    from tests.engine.engines import TOKEN_PROMPTS
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in TOKEN_PROMPTS], params, use_tqdm=False)
     return [{t: lp.logprob for t, lp in step.items()} for out in outputs for step in out.outputs[0].logprobs]
 
 
 def main(architecture: str, directory: Path) -> dict:
     from vllm import LLM
 
-    from tests.engine.engines import shutdown
+    from tests.engine.engines import logprob_distance, shutdown
     from tests.helpers import build_tiny_model
     from thresher.artifact import Artifact, dense_thresholds, model_identity
     from thresher.engine import engine_overrides
@@ -73,8 +71,7 @@ def main(architecture: str, directory: Path) -> dict:
     thresher = LLM(**settings, hf_overrides=engine_overrides(model, artifact))
     fused_layers = thresher.collective_rpc(_fuse_every_layer)[0]
     fused = _top8(thresher, 0.0)
-    distance = max((abs(f[t] - s[t]) for f, s in zip(fused, stock) for t in f.keys() & s.keys()),
-                   default=math.inf)
+    distance = max(logprob_distance(f, s) for f, s in zip(fused, stock))
     return {"fused_layers": fused_layers, "distance": distance,
             "same_top8": all(f.keys() == s.keys() for f, s in zip(fused, stock))}
 

@@ -16,14 +16,13 @@ import os
 import pytest
 import torch
 
+from tests.engine.engines import TOKEN_PROMPTS, logprob_distance
 from tests.helpers import build_tiny_model
 from thresher.artifact import Artifact, dense_thresholds, model_identity
 from thresher.engine import SPARSITY_EXTRA_ARG, engine_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA vLLM")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-PROMPTS = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
 
 
 def _engine(model, dtype="bfloat16", **kwargs):
@@ -41,11 +40,6 @@ def _stock_rows(model, dtype) -> dict[int, list[dict[int, float]]]:
         stock.llm_engine.engine_core.shutdown()
 
 
-def _distance(row, reference) -> float:
-    """The largest log-probability difference over the tokens both top-8s hold."""
-    return max(abs(row[t] - reference[t]) for t in row.keys() & reference.keys())
-
-
 def _first_step(llm, level=None, batch=1) -> list[dict[int, float]]:
     """Per prompt, the top-8 log-probabilities of the first decoded token (a decode step of `batch` rows)."""
     from vllm import SamplingParams
@@ -54,8 +48,8 @@ def _first_step(llm, level=None, batch=1) -> list[dict[int, float]]:
     extra = None if level is None else {SPARSITY_EXTRA_ARG: level}
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=8, extra_args=extra)
     rows = []
-    for start in range(0, len(PROMPTS), batch):
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS[start : start + batch]]
+    for start in range(0, len(TOKEN_PROMPTS), batch):
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in TOKEN_PROMPTS[start : start + batch]]
         for output in llm.generate(prompts, params, use_tqdm=False):
             rows.append({t: lp.logprob for t, lp in output.outputs[0].logprobs[1].items()})
     return rows
@@ -86,7 +80,7 @@ def test_fused_level_zero_matches_stock_vllm(family, batch):
     for fused, stock, exact in zip(_first_step(llm, 0.0, batch), stock_rows[batch], exact_rows[batch]):
         assert max(fused, key=fused.get) == max(exact, key=exact.get)
         assert len(fused.keys() & exact.keys()) >= 6
-        assert _distance(fused, exact) <= 4 * _distance(stock, exact) + 0.05
+        assert logprob_distance(fused, exact) <= 4 * logprob_distance(stock, exact) + 0.05
 
 
 def test_a_level_that_zeroes_every_activation_changes_the_distribution(family):
