@@ -71,3 +71,21 @@ def test_its_steering_vectors_are_rederived_from_the_embedded_model(identity, hf
         # the rule of thumb; the served suggestion is the steering sweep's measured best
         assert info[name]["suggested_strength"] == pytest.approx(assets.vector_info[name]["rule_of_thumb_strength"],
                                                                  rel=1e-2)
+
+
+def test_steering_tables_stay_float32_under_a_bfloat16_default(identity):
+    """vLLM builds a model (and thresher's steering state with it) under the model's dtype as torch's default; the
+    SAE and the clamp tables must stay in float32, or a bf16 engine fails its first forward (a float32 stream
+    times a bf16 encoder)."""
+    from thresher.engine.token_steering import TokenSteering
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assets = SteeringAssets(REFERENCE_ARTIFACTS / identity.name, identity.hidden_size)
+        steering = TokenSteering(assets, max_tokens=8, max_specs=2, dtype=torch.bfloat16, device=torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(previous)
+    assert assets.sae.W_enc.dtype == torch.float32
+    assert steering.table.dtype == torch.bfloat16
+    assert all(table.dtype == torch.float32 for table in steering.clamps)

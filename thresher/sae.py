@@ -120,7 +120,8 @@ def load_sae(directory: str | os.PathLike, d_in: int | None = None) -> SparseAut
     if d_in is not None and sae_d_in != d_in:
         raise SAEError(f"SAE {directory} reads residuals of width {sae_d_in}, but the model's hidden size is {d_in}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    sae = SparseAutoencoder(sae_d_in, d_sae, k, layer, architecture, cfg.get("model_name", ""))
+    # float32 whatever torch's default dtype (vLLM builds models under theirs)
+    sae = SparseAutoencoder(sae_d_in, d_sae, k, layer, architecture, cfg.get("model_name", "")).float()
     expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
     for name, shape in expected.items():
         if name not in weights:

@@ -132,3 +132,18 @@ def test_steering_under_cuda_graphs_touches_only_its_own_requests(gpu_llm):
     # same batch shape, so the same kernels: the unsteered row is bit-identical, the steered rows change
     assert mixed[0] == plain[0]
     assert mixed[1] != plain[1] and mixed[2] != plain[2]
+
+
+def test_clamps_under_cuda_graphs_set_the_feature_and_touch_only_their_own_requests(gpu_llm):
+    """bf16 model, float32 clamp tables: the clamp runs inside the captured graphs and, where the meter is on,
+    the SAE reads the clamp value after it."""
+    assets = SteeringAssets(gpu_llm.thresher_artifact, CONFIG["hidden_size"])
+    clamp = assets.parse({"features": [{"id": 3, "clamp": 40.0}]})
+    plain = _steered(gpu_llm, [None] * 4)
+    gpu_llm.collective_rpc("thresher_clamp_readings")
+    mixed = _steered(gpu_llm, [None, clamp, None, clamp])
+    assert mixed[0] == plain[0] and mixed[2] == plain[2]
+    assert mixed[1] != plain[1] and mixed[3] != plain[3]
+    if not gpu_llm.thresher_fused:
+        readings = gpu_llm.collective_rpc("thresher_clamp_readings")[0]
+        assert readings["largest_error_after"] < 0.05 * 40.0, readings

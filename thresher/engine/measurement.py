@@ -46,7 +46,7 @@ class ClampMeter(torch.nn.Module):
     def __init__(self, device: torch.device):
         super().__init__()
         self.enabled = os.environ.get("THRESHER_MEASURE_SPARSITY") == "1"
-        self.register_buffer("largest", torch.zeros(2, device=device), persistent=False)
+        self.register_buffer("largest", torch.zeros(2, dtype=torch.float32, device=device), persistent=False)
 
     def add(self, before: torch.Tensor, after: torch.Tensor, clamps, owned: torch.Tensor) -> None:
         """`before`/`after`: float32 streams `[tokens, hidden]`; `owned` `[tokens, rows]`: which rows are clamped."""

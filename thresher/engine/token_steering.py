@@ -37,10 +37,10 @@ class TokenSteering:
         self.table = torch.zeros(max_specs + 1, assets.hidden_size, dtype=dtype, device=device)
         # float32: a clamp must move the encoder's reading to its value, not to within bf16 rounding of it
         rows = (max_specs + 1) * MAX_CLAMPS if assets.sae is not None else 0
-        self.clamps = ClampRows(torch.zeros(rows, assets.hidden_size, device=device),
-                                torch.zeros(rows, device=device),
-                                torch.zeros(rows, assets.hidden_size, device=device),
-                                torch.zeros(rows, device=device))
+        # explicit: vLLM builds the model under its dtype as torch's default
+        clamp_zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
+        self.clamps = ClampRows(clamp_zeros(rows, assets.hidden_size), clamp_zeros(rows),
+                                clamp_zeros(rows, assets.hidden_size), clamp_zeros(rows))
         self.clamp_slot = torch.arange(rows, device=device) // MAX_CLAMPS
         self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self._host_slots = np.zeros(max_tokens, dtype=np.int64)

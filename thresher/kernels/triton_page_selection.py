@@ -1,18 +1,21 @@
 """Page selection for decode attention on GPUs, in Triton: the same rule as `page_selection` (its torch reference,
 which the CPU engine runs), with no host synchronisation, so that a decode step with budgets runs inside vLLM's full
-CUDA graphs. One launch in the KV cache write, four in the forward:
+CUDA graphs. One launch in the KV cache write, two in the forward:
 
 1. `_fold_summaries` (in the KV cache write): each run of consecutive slots of one block among the keys just written
    is folded by one program into that block's minimum and maximum; a run that starts at the block's first slot
    starts the block afresh (a reused block). No atomics: vLLM writes the tokens of a block contiguously.
-2. `_page_bounds`: per (sequence, tile of pages), the scaled upper bound of q.k for every query head over the
-   candidate pages (`-inf` elsewhere), on the tensor cores, and the tile's per-head maximum and sum of exponentials.
-3. `_head_softmax_stats`: per (sequence, head), those statistics over all tiles.
-4. `_page_mass`: per (sequence, tile), each page's per-head softmax, summed over heads: its estimated attention mass.
-5. `_select`: per sequence, the pages above the mass that a bisection over the masses' fp32 bit patterns finds to
-   leave exactly the budget (ties taken in page order), written compacted, in context order, with the length of the
-   shorter context. A sequence without a budget, or whose context fits in it, gets its own table and length (and
-   steps 2-4 do nothing for it).
+2. `_page_bounds`: per (sequence, tile of pages, KV head), the scaled upper bound of q.k for the group's query heads
+   over the candidate pages (`-inf` elsewhere), on the tensor cores, and the tile's per-head maximum and sum of
+   exponentials.
+3. `_select`: per sequence, each head's softmax statistics over the tiles, then each page's per-head softmax summed
+   over heads (its estimated attention mass), then the pages of the `picks` largest masses, found by a radix select
+   over the masses' fp32 bit patterns, a byte per pass (ties taken in page order), written compacted, in context
+   order, with the length of the shorter context. A sequence without a budget, or whose context fits in it, gets its
+   own table and length (and step 2 does nothing for it).
+
+On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
+a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import triton
 import triton.language as tl
 
 from thresher.kernels.page_selection import RECENT_PAGES, SINK_PAGES
+from thresher.kernels.triton_sparse import wait_for_previous_kernel, supports_pdl
 
-PAGE_TILE = 16  # pages per `_page_bounds` program
+PAGE_TILE = 64  # pages per `_page_bounds` program (one KV head each)
+SELECT_CHUNK = 1024  # pages per step of `_select`'s passes over a context
 
 
 @triton.jit
 def _fold_summaries(key_ptr, slot_ptr, summaries_ptr, tokens, key_token_stride, key_head_stride, block_size,
-                    KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD: tl.constexpr, RUN: tl.constexpr):
+                    KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD: tl.constexpr, RUN: tl.constexpr,
+                    USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     previous = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
@@ -67,9 +74,10 @@ def fold_summaries(summaries: torch.Tensor, key: torch.Tensor, slot_mapping: tor
         return
     assert key.stride(2) == 1 and summaries.is_contiguous()
     assert key.shape[2] == triton.next_power_of_2(key.shape[2]), f"head size {key.shape[2]}: a power of two only"
+    pdl = supports_pdl(key.device)
     _fold_summaries[(tokens,)](key, slot_mapping, summaries, tokens, key.stride(0), key.stride(1), block_size,
                                KV_HEADS=key.shape[1], KV_BLOCK=triton.next_power_of_2(key.shape[1]),
-                               HEAD=key.shape[2], RUN=block_size, num_warps=4)
+                               HEAD=key.shape[2], RUN=block_size, USE_GDC=pdl, launch_pdl=pdl, num_warps=4)
 
 
 @triton.jit
@@ -77,9 +85,11 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
                  seq_lens_ptr, budget_ptr, bounds_ptr, tile_max_ptr, tile_sum_ptr, width, tiles, block_size, scale,
                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                  HEAD: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
-                 NATIVE_DOT: tl.constexpr):
+                 NATIVE_DOT: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
@@ -93,117 +103,121 @@ def _page_bounds(query_ptr, query_start_ptr, query_token_stride, summaries_ptr, 
         group = tl.arange(0, GROUP_BLOCK)
         in_group = group < GROUP
         dims = tl.arange(0, HEAD)
-        for kv_head in range(KV_HEADS):
-            heads = kv_head * GROUP + group
-            q = tl.load(query_ptr + row * query_token_stride + heads[:, None] * HEAD + dims[None, :],
-                        mask=in_group[:, None], other=0.0)  # [GROUP_BLOCK, HEAD]
-            summary = summaries_ptr + blocks[:, None] * (KV_HEADS * 2 * HEAD) + kv_head * 2 * HEAD + dims[None, :]
-            low = tl.load(summary, mask=candidate[:, None], other=0.0)  # [TILE, HEAD]
-            high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0)
-            # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two products on the tensor cores, exact in
-            # half precision (every product of two half-precision values is an fp32 value)
-            positive = tl.maximum(q, 0.0).to(high.dtype)
-            negative = tl.minimum(q, 0.0).to(low.dtype)
-            if NATIVE_DOT:
-                bound = tl.dot(positive, tl.trans(high)) + tl.dot(negative, tl.trans(low))
-            else:  # the CPU interpreter (numpy has no bfloat16) and fp32 summaries: fp32 products
-                bound = (tl.dot(positive.to(tl.float32), tl.trans(high.to(tl.float32)), input_precision="ieee")
-                         + tl.dot(negative.to(tl.float32), tl.trans(low.to(tl.float32)), input_precision="ieee"))
-            bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP_BLOCK, TILE]
-            tl.store(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :], bound,
-                     mask=in_group[:, None] & (pages[None, :] < width))
-            top = tl.max(bound, axis=1)
-            safe_top = tl.where(top == float("-inf"), 0.0, top)
-            total = tl.sum(tl.exp(bound - safe_top[:, None]), axis=1)
-            tl.store(tile_max_ptr + (seq * HEADS + heads) * tiles + tile, top, mask=in_group)
-            tl.store(tile_sum_ptr + (seq * HEADS + heads) * tiles + tile, total, mask=in_group)
+        heads = kv_head * GROUP + group
+        q = tl.load(query_ptr + row * query_token_stride + heads[:, None] * HEAD + dims[None, :],
+                    mask=in_group[:, None], other=0.0)  # [GROUP_BLOCK, HEAD]
+        summary = summaries_ptr + blocks[:, None] * (KV_HEADS * 2 * HEAD) + kv_head * 2 * HEAD + dims[None, :]
+        low = tl.load(summary, mask=candidate[:, None], other=0.0)  # [TILE, HEAD]
+        high = tl.load(summary + HEAD, mask=candidate[:, None], other=0.0)
+        # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two products on the tensor cores, exact in half
+        # precision (every product of two half-precision values is an fp32 value)
+        positive = tl.maximum(q, 0.0).to(high.dtype)
+        negative = tl.minimum(q, 0.0).to(low.dtype)
+        if NATIVE_DOT:
+            bound = tl.dot(positive, tl.trans(high)) + tl.dot(negative, tl.trans(low))
+        else:  # the CPU interpreter (numpy has no bfloat16) and fp32 summaries: fp32 products
+            bound = (tl.dot(positive.to(tl.float32), tl.trans(high.to(tl.float32)), input_precision="ieee")
+                     + tl.dot(negative.to(tl.float32), tl.trans(low.to(tl.float32)), input_precision="ieee"))
+        bound = tl.where(candidate[None, :], bound * scale, float("-inf"))  # [GROUP_BLOCK, TILE]
+        tl.store(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :], bound,
+                 mask=in_group[:, None] & (pages[None, :] < width))
+        top = tl.max(bound, axis=1)
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp(bound - safe_top[:, None]), axis=1)
+        tl.store(tile_max_ptr + (seq * HEADS + heads) * tiles + tile, top, mask=in_group)
+        tl.store(tile_sum_ptr + (seq * HEADS + heads) * tiles + tile, total, mask=in_group)
 
 
 @triton.jit
-def _head_softmax_stats(tile_max_ptr, tile_sum_ptr, head_max_ptr, head_sum_ptr, seq_lens_ptr, budget_ptr, tiles,
-                        block_size, HEADS: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr):
-    """Per (sequence, head): the maximum and the sum of exponentials of its bounds over all pages."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    num_pages = (tl.load(seq_lens_ptr + seq) + block_size - 1) // block_size
-    budget = tl.load(budget_ptr + seq)
-    if (budget > 0) & (num_pages > budget):
-        index = tl.arange(0, TILES)
-        used = index < (num_pages + TILE - 1) // TILE  # the tiles `_page_bounds` wrote
-        stats = (seq * HEADS + head) * tiles + index
-        tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
-        top = tl.max(tile_max, axis=0)
-        total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top), axis=0)
-        tl.store(head_max_ptr + seq * HEADS + head, top)
-        tl.store(head_sum_ptr + seq * HEADS + head, total)
-
-
-@triton.jit
-def _page_mass(bounds_ptr, head_max_ptr, head_sum_ptr, mass_ptr, seq_lens_ptr, budget_ptr, width, block_size,
-               HEADS: tl.constexpr, HEADS_BLOCK: tl.constexpr, TILE: tl.constexpr, SINKS: tl.constexpr,
-               RECENT: tl.constexpr):
-    """Per (sequence, tile): each candidate page's softmax mass summed over heads, as its fp32 bit pattern (masses are
-    >= 0, so the patterns order as the masses do); -1 for the other pages, below every mass."""
+def _page_mass(bounds_ptr, tile_max_ptr, tile_sum_ptr, mass_ptr, seq_lens_ptr, budget_ptr, width, tiles, block_size,
+               HEADS: tl.constexpr, HEADS_BLOCK: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr,
+               SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
+    """Per (sequence, tile): each head's softmax maximum and sum of exponentials over all tiles (every program of the
+    sequence computes them again: a few thousand loads, against a launch of their own), then each candidate page's
+    softmax mass summed over heads, as its fp32 bit pattern (masses are >= 0, so the patterns order as the masses
+    do); -1 for the other pages, below every mass."""
+    wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     num_pages = (tl.load(seq_lens_ptr + seq) + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
-    if (budget > 0) & (num_pages > budget) & (tile * TILE < num_pages):
-        pages = tile * TILE + tl.arange(0, TILE)
-        candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
+    if (budget > 0) & (num_pages > budget) & (tile * TILE < num_pages):  # as in `_page_bounds`
         heads = tl.arange(0, HEADS_BLOCK)
         real = heads < HEADS
-        top = tl.load(head_max_ptr + seq * HEADS + heads, mask=real, other=0.0)
-        total = tl.load(head_sum_ptr + seq * HEADS + heads, mask=real, other=1.0)
+        tile_index = tl.arange(0, TILES)
+        used = real[:, None] & (tile_index < (num_pages + TILE - 1) // TILE)[None, :]
+        stats = (seq * HEADS + heads[:, None]) * tiles + tile_index[None, :]
+        tile_max = tl.load(tile_max_ptr + stats, mask=used, other=float("-inf"))
+        top = tl.where(real, tl.max(tile_max, axis=1), 0.0)
+        total = tl.sum(tl.load(tile_sum_ptr + stats, mask=used, other=0.0) * tl.exp(tile_max - top[:, None]), axis=1)
+        total = tl.where(real, total, 1.0)
+        pages = tile * TILE + tl.arange(0, TILE)
+        candidate = (pages >= SINKS) & (pages < num_pages - RECENT)
         bound = tl.load(bounds_ptr + (seq * HEADS + heads[:, None]) * width + pages[None, :],
                         mask=real[:, None] & candidate[None, :], other=float("-inf"))
         mass = tl.sum(tl.exp(bound - top[:, None]) / total[:, None], axis=0)
         tl.store(mass_ptr + seq * width + pages, tl.where(candidate, mass.to(tl.int32, bitcast=True), -1),
-                 mask=pages < width)
+                 mask=pages < num_pages)
 
 
 @triton.jit
 def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr, budget_ptr, lengths_ptr, width,
-            block_size, PAGES: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr):
-    seq = tl.program_id(0)
+            block_size, CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
+    seq = tl.program_id(0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_pages = (seq_len + block_size - 1) // block_size
     budget = tl.load(budget_ptr + seq)
-    pages = tl.arange(0, PAGES)
-    in_table = pages < width
-    blocks = tl.load(table_ptr + seq * table_stride + pages, mask=in_table, other=0)
+    table = table_ptr + seq * table_stride
+    out = out_ptr + seq * out_stride
+    offsets = tl.arange(0, CHUNK)
+    kept = tl.full((), 0, tl.int32)  # the table's first `kept` entries are the pages read; later ones stay as they are
+    length = seq_len
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
-        bits = tl.load(mass_ptr + seq * width + pages, mask=pages < num_pages, other=-1)
-        picks = budget - SINKS - RECENT
-        low = tl.full((), 0, tl.int32)
-        high = tl.full((), 0x7F800001, tl.int32)
-        for _ in range(31):  # the largest threshold that at least `picks` masses reach
-            middle = low + (high - low) // 2
-            enough = tl.sum((bits >= middle).to(tl.int32), axis=0) >= picks
-            low = tl.where(enough, middle, low)
-            high = tl.where(enough, high, middle)
-        above = bits > low
-        ties = bits == low
-        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)
-        chosen = above | (ties & (tie_rank <= picks - tl.sum(above.to(tl.int32), axis=0)))
-        keep = (pages < SINKS) | ((pages >= num_pages - RECENT) & (pages < num_pages)) | chosen
-        position = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + seq * out_stride + position, blocks, mask=keep)
-        kept = tl.sum(keep.to(tl.int32), axis=0)
-        tl.store(out_ptr + seq * out_stride + pages, blocks, mask=in_table & (pages >= kept))
-        last_fill = seq_len - (num_pages - 1) * block_size
-        tl.store(lengths_ptr + seq, (kept - 1) * block_size + last_fill)
-    else:
-        tl.store(out_ptr + seq * out_stride + pages, blocks, mask=in_table)
-        tl.store(lengths_ptr + seq, seq_len)
+        masses = mass_ptr + seq * width
+        # the `picks`-th largest mass, one byte of its bit pattern per pass from the top (a radix select over the
+        # context's pages, not the table's width); `needed` ends as how many masses equal to it to take, in page order
+        needed = budget - SINKS - RECENT
+        threshold = tl.full((), 0, tl.int32)
+        digits = tl.arange(0, 256)
+        for byte in range(4):
+            shift = 24 - 8 * byte
+            counts = tl.zeros((256,), tl.int32)
+            for start in range(0, num_pages, CHUNK):
+                pages = start + offsets
+                bits = tl.load(masses + pages, mask=pages < num_pages, other=-1)
+                # the masses whose higher bytes match the threshold's so far (every candidate in the first pass)
+                match = (bits >= 0) & ((bits >> shift >> 8) == (threshold >> shift >> 8))
+                counts += tl.histogram(tl.where(match, (bits >> shift) & 0xFF, 0), 256)
+                counts -= tl.where(digits == 0, CHUNK - tl.sum(match.to(tl.int32), axis=0), 0)
+            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matches with digit >= d
+            digit = tl.max(tl.where(at_least >= needed, digits, -1), axis=0)
+            needed -= tl.sum(tl.where(digits == digit, at_least - counts, 0), axis=0)
+            threshold = threshold | (digit << shift)
+        # the sinks, the chosen pages and the newest pages, compacted in context order
+        ties_before = tl.full((), 0, tl.int32)
+        for start in range(0, num_pages, CHUNK):
+            pages = start + offsets
+            bits = tl.load(masses + pages, mask=pages < num_pages, other=-1)
+            ties = bits == threshold
+            chosen = (bits > threshold) | (ties & (ties_before + tl.cumsum(ties.to(tl.int32), axis=0) <= needed))
+            keep = (pages < SINKS) | ((pages >= num_pages - RECENT) & (pages < num_pages)) | chosen
+            blocks = tl.load(table + pages, mask=keep)
+            tl.store(out + kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, blocks, mask=keep)
+            kept += tl.sum(keep.to(tl.int32), axis=0)
+            ties_before += tl.sum(ties.to(tl.int32), axis=0)
+        length = (kept - 1) * block_size + seq_len - (num_pages - 1) * block_size
+    for start in range(kept, width, CHUNK):
+        pages = start + offsets
+        tl.store(out + pages, tl.load(table + pages, mask=pages < width), mask=pages < width)
+    tl.store(lengths_ptr + seq, length)
 
 
 def _scratch_shapes(seqs: int, heads: int, width: int) -> list[tuple[int, ...]]:
     """The temporaries of one `select_pages` call, 4-byte elements: each head's page bounds, tile maxima and sums,
-    softmax maxima and sums, and the pages' masses."""
+    and the pages' masses."""
     tiles = triton.cdiv(width, PAGE_TILE)
-    return [(seqs, heads, width), (seqs, heads, tiles), (seqs, heads, tiles), (seqs, heads), (seqs, heads),
-            (seqs, width)]
+    return [(seqs, heads, width), (seqs, heads, tiles), (seqs, heads, tiles), (seqs, width)]
 
 
 def scratch_bytes(seqs: int, heads: int, width: int) -> int:
@@ -225,7 +239,7 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     device = query.device
     shapes = _scratch_shapes(seqs, heads, width)
     scratch = torch.empty(scratch_bytes(seqs, heads, width) // 4, dtype=torch.float32, device=device)
-    bounds, tile_max, tile_sum, head_max, head_sum, mass = (
+    bounds, tile_max, tile_sum, mass = (
         part.view(shape) for part, shape in zip(scratch.split([math.prod(s) for s in shapes]), shapes))
     mass = mass.view(torch.int32)
     compacted = torch.empty_like(block_table)
@@ -233,20 +247,18 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
     if seqs == 0:
         return compacted, lengths
     native_dot = device.type == "cuda" and summaries.dtype != torch.float32
-    _page_bounds[(seqs, tiles)](query, query_start_loc, query.stride(0), summaries, block_table,
-                                block_table.stride(0), seq_lens, budget_pages, bounds, tile_max, tile_sum, width,
-                                tiles, block_size, scale, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads,
-                                GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)), HEAD=head,
-                                TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot,
-                                num_warps=4)
-    _head_softmax_stats[(seqs, heads)](tile_max, tile_sum, head_max, head_sum, seq_lens, budget_pages, tiles,
-                                       block_size, HEADS=heads, TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE,
-                                       num_warps=4)
-    _page_mass[(seqs, tiles)](bounds, head_max, head_sum, mass, seq_lens, budget_pages, width, block_size,
-                              HEADS=heads, HEADS_BLOCK=triton.next_power_of_2(heads), TILE=PAGE_TILE,
-                              SINKS=SINK_PAGES, RECENT=RECENT_PAGES, num_warps=4)
-    pages = triton.next_power_of_2(width)
+    pdl = supports_pdl(device)
+    _page_bounds[(seqs, tiles, kv_heads)](
+        query, query_start_loc, query.stride(0), summaries, block_table, block_table.stride(0), seq_lens,
+        budget_pages, bounds, tile_max, tile_sum, width, tiles, block_size, scale, HEADS=heads, KV_HEADS=kv_heads,
+        GROUP=heads // kv_heads, GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)), HEAD=head,
+        TILE=PAGE_TILE, SINKS=SINK_PAGES, RECENT=RECENT_PAGES, NATIVE_DOT=native_dot, USE_GDC=pdl, launch_pdl=pdl,
+        num_warps=4)
+    _page_mass[(seqs, tiles)](bounds, tile_max, tile_sum, mass, seq_lens, budget_pages, width, tiles, block_size,
+                              HEADS=heads, HEADS_BLOCK=triton.next_power_of_2(heads),
+                              TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE, SINKS=SINK_PAGES,
+                              RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl, num_warps=4)
     _select[(seqs,)](mass, block_table, block_table.stride(0), compacted, compacted.stride(0), seq_lens,
-                     budget_pages, lengths, width, block_size, PAGES=pages, SINKS=SINK_PAGES, RECENT=RECENT_PAGES,
-                     num_warps=8 if pages >= 2048 else 4)
+                     budget_pages, lengths, width, block_size, CHUNK=SELECT_CHUNK, SINKS=SINK_PAGES,
+                     RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl, num_warps=8)
     return compacted, lengths

@@ -46,7 +46,7 @@ ZERO_BLOCK = 1024
 
 
 @triton.jit
-def _wait_for_previous_kernel(USE_GDC: tl.constexpr):
+def wait_for_previous_kernel(USE_GDC: tl.constexpr):
     """Under PDL: wait until the previous kernel has finished and its writes are visible, then let the next kernel's
     programs be scheduled (they wait the same way, so starting them early is safe)."""
     if USE_GDC:
@@ -74,7 +74,7 @@ def _compact_live_channels(
         # before the wait, overlapping that kernel's tail
         levels = tl.load(levels_ptr + rows, mask=row_ok, other=0)
         t = tl.load(thresholds_ptr + levels[:, None] * K + ks[None, :], mask=both, other=0.0)
-    _wait_for_previous_kernel(USE_GDC)
+    wait_for_previous_kernel(USE_GDC)
     # the output the gather adds into starts at zero (after the wait: its memory may be the previous kernel's)
     zeros = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(y_ptr + zeros, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=zeros < total)
@@ -137,7 +137,7 @@ def _gather_gemv(
     base = pid_k * chunk
     lanes = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    _wait_for_previous_kernel(USE_GDC)
+    wait_for_previous_kernel(USE_GDC)
     count = tl.load(counts_ptr + pid_k)
     if STAGES == 1:
         ks = tl.load(live_ptr + base + lanes, mask=lanes < count, other=0)
