@@ -386,16 +386,12 @@ def serve_command(
 ) -> None:
     """Serve the model with OpenAI-compatible endpoints, sparsity levels and steering (vLLM engine)."""
     import torch
-    import uvicorn
-    from vllm.config import StructuredOutputsConfig
 
     from thresher.artifact import ArtifactError
     from thresher.data import DataError
     from thresher.kernels.page_selection import MIN_BUDGET_TOKENS
     from thresher.models import ModelError, resolve_model
     from thresher.sae import SAEError
-    from thresher.server.app import create_app
-    from thresher.server.serving import ServeSettings
 
     if 0 < attention_budget < MIN_BUDGET_TOKENS:
         raise typer.BadParameter(f"must be 0 (dense attention) or at least {MIN_BUDGET_TOKENS}, got {attention_budget}",
@@ -415,6 +411,13 @@ def serve_command(
         if tensor_parallel_size > 1 and not torch.cuda.is_available():
             _bind_cpu_ranks(tensor_parallel_size)
         resolved, artifact_dir = _default_artifact(model, artifact)
+        # vLLM and the server load only once the command line has passed the checks above (seconds saved on errors)
+        import uvicorn
+        from vllm.config import StructuredOutputsConfig
+
+        from thresher.server.app import create_app
+        from thresher.server.serving import ServeSettings
+
         settings = ServeSettings(
             model_path=resolved.path, artifact_dir=artifact_dir, served_model_name=served_model_name or resolved.name,
             default_sparsity=sparsity, default_attention_budget=attention_budget,

