@@ -67,11 +67,16 @@ def main(architecture: str, directory: Path) -> dict:
     settings = dict(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=256, max_num_seqs=4,
                     enforce_eager=True, seed=0)
     stock_engine = LLM(**settings)
-    stock = _top8(stock_engine, None)
-    shutdown(stock_engine)
+    try:
+        stock = _top8(stock_engine, None)
+    finally:
+        shutdown(stock_engine)
     thresher = LLM(**settings, hf_overrides=engine_overrides(model, artifact))
-    fused_layers = thresher.collective_rpc(_fuse_every_layer)[0]
-    fused = _top8(thresher, 0.0)
+    try:
+        fused_layers = thresher.collective_rpc(_fuse_every_layer)[0]
+        fused = _top8(thresher, 0.0)
+    finally:
+        shutdown(thresher)
     distance = max(logprob_distance(f, s) for f, s in zip(fused, stock))
     return {"fused_layers": fused_layers, "distance": distance,
             "same_top8": all(f.keys() == s.keys() for f, s in zip(fused, stock))}

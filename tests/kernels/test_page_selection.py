@@ -157,3 +157,20 @@ def test_the_memory_share_of_the_summaries_is_what_the_cache_sizing_subtracts():
     kv_bytes = blocks * KV_HEADS * block * 2 * HEAD * 2  # vLLM's CPU layout: [blocks, kv_heads, block, 2 * head]
     summary_bytes = (summaries.numel() - KV_HEADS * 2 * HEAD) * summaries.element_size()  # less the padding row
     assert summary_bytes / kv_bytes == summary_bytes_per_kv_byte(block)
+
+
+@pytest.mark.parametrize("budget", [1, 2, SINK_PAGES + RECENT_PAGES])
+def test_a_budget_of_no_more_pages_than_the_sinks_and_the_newest_reads_only_those(budget):
+    """Reachable with large KV blocks (a 128-token budget is 2 pages of 64 tokens): nothing else is chosen."""
+    lengths = [700, 300]
+    _, table, summaries = _paged(lengths)
+    query = torch.randn(len(lengths), HEADS, HEAD, generator=torch.Generator().manual_seed(5))
+    seq_lens, budgets = torch.tensor(lengths, dtype=torch.int32), torch.tensor([budget] * len(lengths))
+    expected_table, expected_lengths = _torch_select(query, summaries, table, seq_lens, budgets)
+    compacted, selected = _triton_select(query, summaries, table, seq_lens, budgets)
+    assert torch.equal(selected, expected_lengths.int())
+    for row, n in enumerate(lengths):
+        pages = -(-n // BLOCK)
+        fixed = SINK_PAGES + RECENT_PAGES
+        assert int(selected[row]) == (fixed - 1) * BLOCK + n - (pages - 1) * BLOCK
+        assert compacted[row, :fixed].tolist() == expected_table[row, :fixed].tolist()

@@ -12,8 +12,8 @@ CUDA graphs. One launch in the KV cache write, three in the forward:
    softmax summed over heads (its estimated attention mass).
 4. `_select`: per sequence, the pages of the `picks` largest masses, found by a radix select over the masses' fp32
    bit patterns, a byte per pass (ties taken in page order), written compacted, in context order, with the length of
-   the shorter context. A sequence without a budget, or whose context fits in it, gets its own table and length (and
-   steps 2 and 3 do nothing for it).
+   the shorter context. A sequence without a budget, or whose context fits in it, gets its own table's pages and its
+   length (and steps 2 and 3 do nothing for it).
 
 On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
 a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
@@ -172,7 +172,7 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
     table = table_ptr + seq * table_stride
     out = out_ptr + seq * out_stride
     offsets = tl.arange(0, CHUNK)
-    kept = tl.full((), 0, tl.int32)  # the table's first `kept` entries are the pages read; later ones stay as they are
+    kept = tl.full((), 0, tl.int32)  # the table's first `kept` entries are the selected pages
     length = seq_len
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
         masses = mass_ptr + seq * width
@@ -195,6 +195,9 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
             digit = tl.max(tl.where(at_least >= needed, digits, -1), axis=0)
             needed -= tl.sum(tl.where(digits == digit, at_least - counts, 0), axis=0)
             threshold = threshold | (digit << shift)
+        # a budget of no more pages than the sinks and the newest: every digit qualified, none of the masses is taken
+        threshold = tl.where(budget > SINKS + RECENT, threshold, 0x7FFFFFFF)
+        needed = tl.maximum(needed, 0)
         # the sinks, the chosen pages and the newest pages, compacted in context order
         ties_before = tl.full((), 0, tl.int32)
         for start in range(0, num_pages, CHUNK):
