@@ -1,7 +1,7 @@
 """Decode throughput of the thresher vLLM engine against stock vLLM, same run (GPU machine).
 
     python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16] [--repeats 3]
-                           [--shape llama3-8b|llama3-70b] [--tensor-parallel-size N]
+                           [--shape llama3-8b|llama3-70b] [--tensor-parallel-size N] [--quantization fp8]
 
 Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
 torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both engines on the model runner that
@@ -13,6 +13,10 @@ calibration's TEAL-uniform fit of its recorded decode inputs. The fit decodes th
 are timed, since activations drift with position: fitted on 32 steps of another batch, the 50% level skipped 48.9%.
 The decode-time sparsity each level then reaches is measured and printed too (an eager engine with thresher's meter
 on, the same batch-1 decode).
+
+`--quantization fp8`: stock vLLM and thresher both serve vLLM's online FP8 weights (e4m3, one scale per tensor), and
+stock bf16 runs beside them for reference; ratios are to stock FP8, `vs bf16` to stock bf16. The thresholds are
+fitted on the bf16 engine, as an artifact calibrated on the bf16 model would be.
 """
 
 from __future__ import annotations
@@ -49,12 +53,20 @@ TENSOR_PARALLEL_SIZE = 1
 PROMPT_TOKENS, NEW_TOKENS = 64, 256
 
 
-def _engine(model: Path, **kwargs):
+def _engine(model: Path, quantization: str | None = None, **kwargs):
     from vllm import LLM
 
     return LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024,
                max_num_seqs=16, gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=TENSOR_PARALLEL_SIZE,
-               **kwargs)
+               quantization=quantization, **kwargs)
+
+
+def _stock_tok_s(model: Path, batches: list[int], repeats: int, quantization: str | None) -> dict[int, float]:
+    stock = _engine(model, quantization)
+    _decode(stock, 1, None, new_tokens=16)
+    tok_s = {b: b * NEW_TOKENS / _decode(stock, b, None, repeats=repeats) for b in batches}
+    _shutdown(stock)
+    return tok_s
 
 
 def _shutdown(llm) -> None:
@@ -135,7 +147,10 @@ def main() -> None:
     parser.add_argument("--levels", default="0.25,0.4,0.5")
     parser.add_argument("--repeats", type=int, default=3, help="timed generates per cell; the median is reported "
                         "(one run of batch 16 varied by up to 7%% between identical cells)")
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                        help="weights of both engines: bf16, or vLLM's online FP8 (stock bf16 then runs beside)")
     args = parser.parse_args()
+    quantization = None if args.quantization == "none" else args.quantization
     global TENSOR_PARALLEL_SIZE
     TENSOR_PARALLEL_SIZE = args.tensor_parallel_size
     shape = SHAPES[args.shape]
@@ -150,31 +165,34 @@ def main() -> None:
     measured = measure_decode_sparsity(model, artifact, levels)
 
     results = {"device": torch.cuda.get_device_name(), "tensor_parallel_size": TENSOR_PARALLEL_SIZE,
-               "model": f"{args.shape} shape, {layers} layers, dummy bf16",
+               "model": f"{args.shape} shape, {layers} layers, dummy bf16", "quantization": args.quantization,
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
-    stock = _engine(model)
-    _decode(stock, 1, None, new_tokens=16)
-    dense = {b: b * NEW_TOKENS / _decode(stock, b, None, repeats=args.repeats) for b in batches}
-    _shutdown(stock)
-    sparse = _engine(model, hf_overrides=engine_overrides(model, artifact), worker_extension_cls=EXTENSION)
+    dense = _stock_tok_s(model, batches, args.repeats, quantization)
+    bf16 = _stock_tok_s(model, batches, args.repeats, None) if quantization else dense
+    sparse = _engine(model, quantization, hf_overrides=engine_overrides(model, artifact),
+                     worker_extension_cls=EXTENSION)
     _decode(sparse, 1, 0.0, new_tokens=16)
     for batch in batches:
-        results["rows"].append({"batch": batch, "level": "stock vLLM", "tok_s": round(dense[batch], 1), "ratio": 1.0})
+        if quantization:
+            results["rows"].append({"batch": batch, "level": "stock bf16", "tok_s": round(bf16[batch], 1),
+                                    "ratio": round(bf16[batch] / dense[batch], 3), "vs_bf16": 1.0})
+        results["rows"].append({"batch": batch, "level": "stock vLLM", "tok_s": round(dense[batch], 1), "ratio": 1.0,
+                                "vs_bf16": round(dense[batch] / bf16[batch], 3)})
         for level in [0.0, *levels]:
             tok_s = batch * NEW_TOKENS / _decode(sparse, batch, level, repeats=args.repeats)
             results["rows"].append({"batch": batch, "level": level, "tok_s": round(tok_s, 1),
-                                    "ratio": round(tok_s / dense[batch], 3)})
+                                    "ratio": round(tok_s / dense[batch], 3), "vs_bf16": round(tok_s / bf16[batch], 3)})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))  # partial results survive a cut run
     _shutdown(sparse)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\n{results['device']} x {TENSOR_PARALLEL_SIZE}, {results['model']}, {PROMPT_TOKENS}-token prompts, "
-          f"{NEW_TOKENS} new tokens, greedy")
+    print(f"\n{results['device']} x {TENSOR_PARALLEL_SIZE}, {results['model']}, weights {args.quantization}, "
+          f"{PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy")
     print("measured decode sparsity (batch 1): " + ", ".join(f"level {k}: {v}" for k, v in measured.items()))
-    print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9}")
+    print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9} {'vs bf16':>8}")
     for row in results["rows"]:
-        print(f"{row['batch']:>5} {str(row['level']):>12} {row['tok_s']:>9} {row['ratio']:>9}")
+        print(f"{row['batch']:>5} {str(row['level']):>12} {row['tok_s']:>9} {row['ratio']:>9} {row['vs_bf16']:>8}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from thresher.models import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
@@ -73,8 +74,12 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
     (["--attention-budget", "64"], "--attention-budget: must be 0 (dense attention) or at least 128, got 64"),
     (["--attention-budget", "256", "--no-attention-budgets"],
      "--attention-budget: a default budget (256) needs attention budgets"),
-    (["--engine-arg", "quantization=fp8"], "--engine-arg: quantization=fp8: thresher serves unquantized weights"),
-    (["--engine-arg", "kv_cache_dtype=fp8"], "--engine-arg: kv_cache_dtype=fp8: thresher serves unquantized weights"),
+    (["--engine-arg", "quantization=fp8"], "--engine-arg: quantization: use --quantization"),
+    (["--engine-arg", "kv_cache_dtype=fp8"],
+     "--engine-arg: kv_cache_dtype=fp8: thresher serves KV caches in the model's dtype only"),
+    (["--quantization", "awq"], "--quantization: expected one of fp8, got 'awq'"),
+    pytest.param(["--quantization", "fp8"], "--quantization: fp8 weights need a CUDA GPU (vLLM's CPU backend has no "
+                 "FP8 linear layers)", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU refusal")),
 ])
 def test_serve_refuses_settings_it_cannot_apply(arguments, expected):
     from tests.helpers import run_thresher
@@ -95,5 +100,5 @@ def test_serve_refuses_a_quantized_checkpoint_before_calibrating_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = run_thresher("serve", "--model", str(tmp_path), "--port", "1")
     assert result.returncode == 2
-    assert "is a quantized checkpoint: thresher serves unquantized weights only" in result.stdout + result.stderr
+    assert "is a quantized checkpoint: thresher serves unquantized checkpoints only" in result.stdout + result.stderr
     assert "calibrat" not in (result.stdout + result.stderr).lower()

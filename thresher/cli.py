@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 CPU_BLOCK_SIZE = 32  # KV-cache tokens per block (a page for attention budgets) on the CPU
 SAE_DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("fp8",)  # weight formats the sparse kernels read
 
 ModelOption = Annotated[
     Optional[str],
@@ -267,13 +268,24 @@ def _parse_engine_args(pairs: list[str]) -> dict:
             parsed[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key.replace("-", "_")] = value
-    # the sparse kernels read FP8 weights (bench/kernels.py --quantization fp8), but the engine's quantized layers
-    # do not route to them yet, nor do attention budgets read an FP8 KV cache
-    for key in ("quantization", "kv_cache_dtype"):
-        if parsed.get(key) not in (None, "auto"):
-            raise typer.BadParameter(f"{key}={parsed[key]}: thresher serves unquantized weights and KV caches only "
-                                     "for now", param_hint="--engine-arg")
+    if "quantization" in parsed:
+        raise typer.BadParameter("quantization: use --quantization", param_hint="--engine-arg")
+    # attention budgets' page summaries read the cache in the model's dtype
+    if parsed.get("kv_cache_dtype") not in (None, "auto"):
+        raise typer.BadParameter(f"kv_cache_dtype={parsed['kv_cache_dtype']}: thresher serves KV caches in the "
+                                 "model's dtype only for now", param_hint="--engine-arg")
     return parsed
+
+
+def _check_quantization(quantization: str | None, on_gpu: bool) -> None:
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise typer.BadParameter(f"expected one of {', '.join(QUANTIZATIONS)}, got {quantization!r}",
+                                 param_hint="--quantization")
+    if not on_gpu:
+        raise typer.BadParameter(f"{quantization} weights need a CUDA GPU (vLLM's CPU backend has no FP8 linear "
+                                 "layers); serve without --quantization on the CPU", param_hint="--quantization")
 
 
 def _release_cached_gpu_memory() -> None:
@@ -374,6 +386,11 @@ def serve_command(
              "NUMA node reports only part of their memory).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(
+        help="Quantize the weights as they load (vLLM's --quantization; GPU only): 'fp8' is e4m3 with one scale per "
+             "tensor, read by vLLM's FP8 GEMM for prefill and larger batches and by thresher's sparse kernel for "
+             "decode batches of 1-2. The artifact of the unquantized model serves it as it is (thresholds are on "
+             "activations).")] = None,
     enforce_eager: Annotated[Optional[bool], typer.Option(
         "--enforce-eager/--no-enforce-eager",
         help="Skip torch.compile and CUDA graphs. Default: eager on CPU (ready in ~45 s instead of ~150 s on 2 "
@@ -401,13 +418,14 @@ def serve_command(
                                  "--no-attention-budgets or serve with --attention-budget 0",
                                  param_hint="--attention-budget")
     extra_engine_args = _parse_engine_args(engine_arg)
+    _check_quantization(quantization, on_gpu=torch.cuda.is_available())
     try:
         # before any calibration or engine
         to_serve = resolve_model(model)
         to_serve.check_tensor_parallel_size(tensor_parallel_size)
         if "quantization_config" in to_serve.config():
-            raise ModelError(f"{to_serve.name} is a quantized checkpoint: thresher serves unquantized weights only "
-                             "for now")
+            raise ModelError(f"{to_serve.name} is a quantized checkpoint: thresher serves unquantized checkpoints "
+                             "only for now (--quantization fp8 quantizes one as it loads)")
         if tensor_parallel_size > 1 and not torch.cuda.is_available():
             _bind_cpu_ranks(tensor_parallel_size)
         resolved, artifact_dir = _default_artifact(model, artifact)
@@ -427,7 +445,7 @@ def serve_command(
                 "tensor_parallel_size": tensor_parallel_size,
                 **_memory_engine_args(gpu_memory_utilization, kv_cache_gib, on_gpu=torch.cuda.is_available(),
                                       attention_budgets=attention_budgets),
-                "max_num_seqs": max_num_seqs, "dtype": dtype,
+                "max_num_seqs": max_num_seqs, "dtype": dtype, "quantization": quantization,
                 # JSON from response_format and tools by xgrammar, without free whitespace: the grammar allows any
                 # amount between tokens, and small models run away in it until max_tokens cuts the JSON short
                 "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),

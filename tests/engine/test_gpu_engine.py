@@ -1,5 +1,6 @@
 """The plugin on a CUDA vLLM (GPU machine only): torch.compile + CUDA graphs, the Triton path for small decode
-batches, levels and steering per request, under both of vLLM's model runners (V1, and V2, vLLM 0.26's default).
+batches, levels and steering per request, under both of vLLM's model runners (V1, and V2, vLLM 0.26's default), and
+on vLLM's online FP8 weights (`--quantization fp8`: the Triton kernel reads FP8 rows, vLLM's FP8 GEMM the rest).
 A 4-layer Llama-3-8B-shaped model with dummy weights and a synthetic artifact: level 1 thresholds are 0 (every
 activation kept), level 2 thresholds are huge (every activation zeroed); a random SAE and vector after layer 2 steer.
 """
@@ -28,8 +29,8 @@ CONFIG = {
 
 
 # vLLM's two model runners with thresher's sparsity meter on (which keeps the unfused layer: it reads every
-# projection's input), and V2 without it: the fused layer that serving runs
-@pytest.fixture(scope="module", params=["v1", "v2", "v2-fused"])
+# projection's input), and V2 without it: the fused layer that serving runs, on bf16 and on FP8 weights
+@pytest.fixture(scope="module", params=["v1", "v2", "v2-fused", "v2-fused-fp8"])
 def gpu_llm(tmp_path_factory, request):
     from vllm import LLM
 
@@ -43,14 +44,15 @@ def gpu_llm(tmp_path_factory, request):
     _write_synthetic_steering(artifact, CONFIG["hidden_size"], layer=2)
     Artifact(identity, [0.0, 0.25, 0.99], "synthetic", thresholds).save(artifact)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("THRESHER_MEASURE_SPARSITY", "0" if request.param.endswith("fused") else "1")
+        patch.setenv("THRESHER_MEASURE_SPARSITY", "0" if "fused" in request.param else "1")
         patch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0" if request.param == "v1" else "1")
         llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3, seed=0,
+                  quantization="fp8" if request.param.endswith("fp8") else None,
                   hf_overrides=engine_overrides(model, artifact),
                   worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
     llm.thresher_artifact = artifact
-    llm.thresher_fused = request.param.endswith("fused")
+    llm.thresher_fused = "fused" in request.param
     assert llm.collective_rpc("thresher_fused_layers")[0] == (CONFIG["num_hidden_layers"] if llm.thresher_fused else 0)
     yield llm
     llm.llm_engine.engine_core.shutdown()

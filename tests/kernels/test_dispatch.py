@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from thresher.kernels.dispatch import sparse_linear, use_triton
@@ -77,3 +78,35 @@ def test_fused_ops_equal_producer_then_threshold_then_linear_and_compile():
         for got, want in zip(run(y, gate_up, residual), expected):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's FP8 GEMM and the Triton kernel need a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_fp8_weights_take_the_sparse_kernel_or_vllms_fp8_gemm(rows):
+    # FP8 weights as the engine holds them: rows for the Triton kernel (batches of 1-2, activations kept in bf16) and
+    # vLLM's K-major layout for its FP8 GEMM (larger batches, activations rounded to e4m3 per token)
+    from thresher.kernels.dispatch import GPU_SPARSE_MAX_BATCH, add_rms_norm_linear, threshold_linear
+    from thresher.kernels.reference import add_rms_norm_reference, dequantized, fp8_weight
+
+    torch.manual_seed(5)
+    k, n = 4096, 6144
+    w8, scale = fp8_weight((torch.randn(n, k) / k**0.5).to(torch.bfloat16), per_channel=False)
+    w8, scale = w8.cuda(), scale.cuda().expand(n).contiguous()
+    weights = (w8.t().contiguous().t(), scale, w8.t())
+    thresholds = torch.stack([torch.zeros(k), torch.full((k,), 0.7)]).cuda()
+    levels = torch.arange(rows, device="cuda") % 2
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    y, residual = torch.randn(rows, k, device="cuda"), torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    norm_weight = torch.rand(k, device="cuda").to(torch.bfloat16)
+    normed, new_residual = add_rms_norm_reference(y, residual, norm_weight, 1e-5)
+    reference = dequantized(w8, scale).double()
+    # W8A16 gathers the kept rows exactly; W8A8 rounds each activation to e4m3 (3 mantissa bits)
+    tolerance = 1e-2 if rows <= GPU_SPARSE_MAX_BATCH else 5e-2
+    for got, x_in in ((threshold_linear(x, weights[0], thresholds, levels, *weights[1:]), x),
+                      (add_rms_norm_linear(y, residual, norm_weight, 1e-5, weights[0], thresholds, levels,
+                                           *weights[1:])[0], normed)):
+        want = threshold_activations(x_in, thresholds[levels]).double() @ reference.t()
+        assert got.dtype == torch.float32
+        assert (got.double() - want).norm() / want.norm() < tolerance
+    torch.testing.assert_close(add_rms_norm_linear(y, residual, norm_weight, 1e-5, weights[0], thresholds, levels,
+                                                   *weights[1:])[1], new_residual)

