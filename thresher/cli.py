@@ -277,15 +277,22 @@ def _parse_engine_args(pairs: list[str]) -> dict:
     return parsed
 
 
-def _check_quantization(quantization: str | None, on_gpu: bool) -> None:
+def _check_quantization(quantization: str | None) -> None:
+    import torch
+
     if quantization is None:
         return
     if quantization not in QUANTIZATIONS:
         raise typer.BadParameter(f"expected one of {', '.join(QUANTIZATIONS)}, got {quantization!r}",
                                  param_hint="--quantization")
-    if not on_gpu:
+    if not torch.cuda.is_available():
         raise typer.BadParameter(f"{quantization} weights need a CUDA GPU (vLLM's CPU backend has no FP8 linear "
                                  "layers); serve without --quantization on the CPU", param_hint="--quantization")
+    if torch.cuda.get_device_capability() < (8, 9):
+        # older GPUs get vLLM's Marlin FP8 kernel, whose repacked weights the sparse kernel cannot read
+        raise typer.BadParameter(f"{quantization} weights need a GPU of compute capability 8.9 or newer (Ada, "
+                                 f"Hopper); this one is {torch.cuda.get_device_capability()}",
+                                 param_hint="--quantization")
 
 
 def _release_cached_gpu_memory() -> None:
@@ -418,7 +425,7 @@ def serve_command(
                                  "--no-attention-budgets or serve with --attention-budget 0",
                                  param_hint="--attention-budget")
     extra_engine_args = _parse_engine_args(engine_arg)
-    _check_quantization(quantization, on_gpu=torch.cuda.is_available())
+    _check_quantization(quantization)
     try:
         # before any calibration or engine
         to_serve = resolve_model(model)

@@ -83,6 +83,10 @@ class ThresholdedLinearMethod(LinearMethodBase):
         self.meter = meter
         # vLLM's loaders ask the method whether it quantizes weights as they load
         self.uses_meta_device = getattr(base, "uses_meta_device", False)
+        # FP8 rows `[in, out]` and scales `[out]`, made once and refilled in place when vLLM processes the layer
+        # again (a weight reload puts back the buffers it did not load: these same tensors)
+        self.fp8_rows: torch.Tensor | None = None
+        self.fp8_scale: torch.Tensor | None = None
 
     def create_weights(self, *args, **kwargs):
         return self.base.create_weights(*args, **kwargs)
@@ -93,13 +97,26 @@ class ThresholdedLinearMethod(LinearMethodBase):
         weight = getattr(layer, "weight", None)
         if weight is None or not weight.is_cuda:
             return
-        if weight.dtype == FP8:
-            # vLLM holds it `[in, out]`, K-major
-            layer.register_buffer("thresher_fp8_rows", weight.contiguous().t(), persistent=False)
-            scale = layer.weight_scale.float().reshape(-1).expand(layer.output_size_per_partition).contiguous()
-            layer.register_buffer("thresher_weight_scale", scale, persistent=False)
-        else:
+        if weight.dtype not in (torch.float16, torch.bfloat16, FP8):
+            raise ValueError(f"thresher's sparse kernels read fp16, bf16 and FP8 (e4m3) weights; this projection holds "
+                             f"{weight.dtype} (vLLM's Marlin FP8 kernel repacks weights on GPUs older than compute "
+                             "capability 8.9)")
+        if weight.dtype != FP8:
             weight.data = weight.data.t().contiguous().t()
+            return
+        shape = (layer.input_size_per_partition, layer.output_size_per_partition)
+        if tuple(weight.shape) != shape:  # vLLM's CUTLASS kernel pads widths that are not multiples of 16
+            raise ValueError(f"FP8 weight {tuple(weight.shape)} is not the projection's {shape}: thresher's FP8 path "
+                             "needs input and output widths that are multiples of 16")
+        # vLLM holds it `[in, out]`, K-major
+        scale = layer.weight_scale.float().reshape(-1).expand(shape[1])
+        if self.fp8_rows is None:
+            self.fp8_rows, self.fp8_scale = weight.contiguous(), scale.contiguous()
+        else:
+            self.fp8_rows.copy_(weight)
+            self.fp8_scale.copy_(scale)
+        layer.register_buffer("thresher_fp8_rows", self.fp8_rows.t(), persistent=False)
+        layer.register_buffer("thresher_weight_scale", self.fp8_scale, persistent=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         levels = self.token_levels.buffer[: x.shape[0]]
