@@ -128,7 +128,7 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         rot = Rotating(k, n, dtype, fp8)
         for batch in BATCHES:
-            config = _launch_config(k, n)
+            config = _launch_config(k, n, fp8)
             if args.sweep and batch <= 2:
                 found = sweep_configs(k, n, batch, rot, dtype)
                 if found:

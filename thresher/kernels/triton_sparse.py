@@ -167,14 +167,22 @@ def supports_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch_config(k: int, n: int) -> tuple[int, int, int, int, int]:
+def _launch_config(k: int, n: int, fp8: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_K, BLOCK_N, chunks, num_warps, STAGES), from sweeps on an H100 (Llama-3-8B shapes, batch 1 and 2 at
     50% sparsity): the input channels split into 544 / (N / 128) chunks (about four 128-column programs per SM),
     rounded down. Narrow outputs (qkv, o) then gather 64-column blocks, twice the programs, through Triton's 2-stage
     pipelining: 0.7-0.9 us faster per call at batch 1. Wide ones (gate_up, down) keep 128-column blocks and the loop
-    that prefetches its channel list; pipelined, they were 1-4% slower."""
+    that prefetches its channel list; pipelined, they were 1-4% slower.
+
+    FP8 rows are half the bytes, so every output gathers 128-column blocks (the bf16 tile's bytes at narrow
+    widths), gate_up in twice the chunks, and only qkv and o pipelined: one layer at batch 1, 50%, 81.0 us instead
+    of 88.7 with the bf16 configurations (bench/RESULTS.md, "FP8 launch configurations")."""
     block_k, block_n = 64, 128
     chunks = max(1, min(544 // triton.cdiv(n, block_n), triton.cdiv(k, 2 * block_k)))
+    if fp8:
+        if n > 8192:
+            return block_k, block_n, max(1, min(1088 // triton.cdiv(n, block_n), triton.cdiv(k, 2 * block_k))), 4, 1
+        return block_k, block_n, chunks, 4, 2 if k <= 8192 else 1
     if n <= 8192:
         return block_k, 64, chunks, 4, 2
     return block_k, block_n, chunks, 4, 1
@@ -221,7 +229,7 @@ def sparse_gemv(
                          f"for {wt.dtype} weights")
     if fp8:
         weight_scale = weight_scale.float().reshape(-1).expand(n).contiguous()
-    block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n)
+    block_k, block_n, chunks, num_warps, stages = config or _launch_config(k, n, fp8)
     pdl = supports_pdl(x.device)
     chunk = triton.cdiv(k, chunks)
     chunks = triton.cdiv(k, chunk)
