@@ -16,7 +16,8 @@ on, the same batch-1 decode).
 
 `--quantization fp8`: stock vLLM and thresher both serve vLLM's online FP8 weights (e4m3, one scale per tensor), and
 stock bf16 runs beside them for reference; ratios are to stock FP8, `vs bf16` to stock bf16. The thresholds are
-fitted on the bf16 engine, as an artifact calibrated on the bf16 model would be.
+fitted on the bf16 engine, as an artifact calibrated on the bf16 model would be; the sparsity they reach is measured
+on FP8 weights, as timed.
 """
 
 from __future__ import annotations
@@ -116,13 +117,14 @@ def fit_artifact(model: Path, levels: list[float], out: Path) -> Path:
     return fitted_dir
 
 
-def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float]) -> dict[float, float]:
+def measure_decode_sparsity(model: Path, artifact: Path, levels: list[float],
+                            quantization: str | None = None) -> dict[float, float]:
     """Weighted activation sparsity that each level reaches on the timed batch-1 decode, from an eager engine with
-    thresher's meter on: the thresholds were fitted on the dense decode, and the speed depends on what the sparse
-    runs actually skip."""
+    thresher's meter on, on the timed engine's weights: the thresholds were fitted on the dense bf16 decode, and the
+    speed depends on what the sparse runs actually skip."""
     os.environ["THRESHER_MEASURE_SPARSITY"] = "1"  # read by the engine's worker at start
     try:
-        llm = _engine(model, enforce_eager=True, hf_overrides=engine_overrides(model, artifact),
+        llm = _engine(model, quantization, enforce_eager=True, hf_overrides=engine_overrides(model, artifact),
                       worker_extension_cls=EXTENSION)
     finally:
         del os.environ["THRESHER_MEASURE_SPARSITY"]
@@ -162,10 +164,10 @@ def main() -> None:
     model.mkdir()
     (model / "config.json").write_text(json.dumps(shape | {"num_hidden_layers": layers}))
     artifact = fit_artifact(model, levels, work)
-    measured = measure_decode_sparsity(model, artifact, levels)
+    measured = measure_decode_sparsity(model, artifact, levels, quantization)
 
     results = {"device": torch.cuda.get_device_name(), "tensor_parallel_size": TENSOR_PARALLEL_SIZE,
-               "model": f"{args.shape} shape, {layers} layers, dummy bf16", "quantization": args.quantization,
+               "model": f"{args.shape} shape, {layers} layers, dummy weights", "quantization": args.quantization,
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
@@ -178,7 +180,8 @@ def main() -> None:
         if quantization:
             results["rows"].append({"batch": batch, "level": "stock bf16", "tok_s": round(bf16[batch], 1),
                                     "ratio": round(bf16[batch] / dense[batch], 3), "vs_bf16": 1.0})
-        results["rows"].append({"batch": batch, "level": "stock vLLM", "tok_s": round(dense[batch], 1), "ratio": 1.0,
+        stock = "stock vLLM" + (f" {quantization}" if quantization else "")
+        results["rows"].append({"batch": batch, "level": stock, "tok_s": round(dense[batch], 1), "ratio": 1.0,
                                 "vs_bf16": round(dense[batch] / bf16[batch], 3)})
         for level in [0.0, *levels]:
             tok_s = batch * NEW_TOKENS / _decode(sparse, batch, level, repeats=args.repeats)

@@ -10,6 +10,7 @@ child process without the interpreter: Triton's own front end, its LLVM passes a
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from thresher.kernels.reference import ADD_RMS_NORM, PLAIN, SILU_MUL, fp8_weight
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run launches the kernels themselves")
 
 MODULES = (triton_sparse, triton_producers, triton_page_selection)
+LLAMA3_8B_PROJECTIONS = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))  # (K, N): qkv, o, gate_up, down
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
                  torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
 # what a Hopper GPU sets where the CPU wrappers pass False: tensor-core dots, programmatic dependent launch
@@ -98,6 +100,16 @@ def _drive_every_wrapper() -> None:
                                           dtype=dtype)
                 triton_producers.produce_thresholded(producer, source, thresholds, levels, dtype,
                                                      norm.get("residual"), norm.get("norm_weight"), 1e-5)
+    # the launch configurations of Llama-3-8B's projections, whose constants differ from small shapes' (real K: the
+    # compaction's chunk; real N: tile widths and pipelining), with a narrow output to keep the interpreter quick
+    for (k_real, n_real), fp8 in itertools.product(LLAMA3_8B_PROJECTIONS, (False, True)):
+        x = torch.randn(1, k_real, generator=g).to(torch.bfloat16)
+        w = torch.randn(k_real, 128, generator=g).to(torch.bfloat16)
+        thresholds_real = torch.rand(2, k_real, generator=g)
+        w8, scale = fp8_weight(w.t())
+        config = triton_sparse._launch_config(k_real, n_real, fp8)
+        triton_sparse.sparse_gemv(x, w8.t().contiguous() if fp8 else w, thresholds_real,
+                                  torch.ones(1, dtype=torch.int32), config=config, weight_scale=scale if fp8 else None)
     block, kv_heads, heads, head = 16, 2, 8, 64
     for dtype in (torch.bfloat16, torch.float32):
         summaries = torch.zeros(33, kv_heads, 2, head, dtype=dtype)

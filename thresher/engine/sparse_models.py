@@ -7,8 +7,9 @@ Each decoder layer's projection groups (q/k/v, o, gate/up, down) get the artifac
 which skips the channels zeroed in every row, for small decode batches). FP8 weights (vLLM's `--quantization fp8`)
 keep vLLM's FP8 GEMM for larger batches and gain a copy in the Triton kernel's layout (`kernels.dispatch`). Level 0
 thresholds are zeros, which keep every activation: on the CPU, dense requests are exactly stock vLLM; on CUDA they
-are the same function through thresher's kernels. On CUDA each decoder layer runs `FusedSparseDecoderLayer`'s forward, whose ops make each
-projection's input inside the sparse kernel (no RMSNorm or SiLU-and-multiply kernels of their own).
+are the same function through thresher's kernels. On CUDA each decoder layer runs `FusedSparseDecoderLayer`'s
+forward, whose ops make each projection's input inside the sparse kernel (no RMSNorm or SiLU-and-multiply kernels of
+their own).
 
 vLLM resolves a registered class by name in every process (`plugin.register`); this module makes each family's
 class on first access, from its row of the family table.
@@ -81,12 +82,15 @@ class ThresholdedLinearMethod(LinearMethodBase):
         self.thresholds = thresholds
         self.token_levels = token_levels
         self.meter = meter
-        # vLLM's loaders ask the method whether it quantizes weights as they load
-        self.uses_meta_device = getattr(base, "uses_meta_device", False)
         # FP8 rows `[in, out]` and scales `[out]`, made once and refilled in place when vLLM processes the layer
         # again (a weight reload puts back the buffers it did not load: these same tensors)
         self.fp8_rows: torch.Tensor | None = None
         self.fp8_scale: torch.Tensor | None = None
+
+    @property
+    def uses_meta_device(self) -> bool:
+        """Whether the wrapped method quantizes weights as they load (vLLM's loaders ask)."""
+        return getattr(self.base, "uses_meta_device", False)
 
     def create_weights(self, *args, **kwargs):
         return self.base.create_weights(*args, **kwargs)
@@ -97,10 +101,10 @@ class ThresholdedLinearMethod(LinearMethodBase):
         weight = getattr(layer, "weight", None)
         if weight is None or not weight.is_cuda:
             return
-        if weight.dtype not in (torch.float16, torch.bfloat16, FP8):
-            raise ValueError(f"thresher's sparse kernels read fp16, bf16 and FP8 (e4m3) weights; this projection holds "
-                             f"{weight.dtype} (vLLM's Marlin FP8 kernel repacks weights on GPUs older than compute "
-                             "capability 8.9)")
+        if not weight.dtype.is_floating_point:
+            raise ValueError(f"thresher reads floating-point and FP8 (e4m3) weights; this projection holds "
+                             f"{weight.dtype}, packed by its quantization method (vLLM's Marlin FP8 kernel, which GPUs "
+                             "older than compute capability 8.9 get, packs FP8 weights into integers)")
         if weight.dtype != FP8:
             weight.data = weight.data.t().contiguous().t()
             return

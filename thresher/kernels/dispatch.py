@@ -65,6 +65,9 @@ def activation_dtype(weight: torch.Tensor) -> torch.dtype:
 def _dense(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            dense_weight: torch.Tensor | None = None) -> torch.Tensor:
     if weight.dtype == FP8:  # CUDA only (`thresher serve` refuses FP8 elsewhere)
+        if dense_weight is None or weight_scale is None:
+            raise ValueError("FP8 weights need their weight_scale and their dense_weight (vLLM's K-major layout) for "
+                             "batches the Triton kernel does not take")
         from vllm import _custom_ops as vllm_ops
 
         quantized, x_scale = vllm_ops.scaled_fp8_quant(x.contiguous(), use_per_token_if_dynamic=True)
@@ -124,7 +127,8 @@ def _produced_linear(producer: int, source: torch.Tensor, weight: torch.Tensor, 
 
 @torch.library.custom_op("thresher::threshold_linear", mutates_args=())
 def threshold_linear(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor,
-                     weight_scale: torch.Tensor | None = None, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
+                     weight_scale: torch.Tensor | None = None,
+                     dense_weight: torch.Tensor | None = None) -> torch.Tensor:
     """threshold(x) @ W^T in fp32, each row of x `[rows, K]` thresholded by its level (`thresholds [L, K]`,
     `levels [>= rows]`): for an input that no kernel of the model's can threshold on the way (o's, which attention
     makes). The Triton kernel thresholds in its compaction, where it costs no launch of its own."""
