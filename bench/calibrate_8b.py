@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/calibrate-8b.json"))
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--work", type=Path, default=None, help="where the model and artifact go (16 GB)")
+    parser.add_argument("--calibrate-args", default="", help="more `thresher calibrate` options, e.g. smaller budgets "
+                                                              "for a quick artifact that only the serve step needs")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="thresher-8b-"))
     model, artifact = work / "llama3-8b-shape-random", work / "artifact"
@@ -94,7 +96,7 @@ def main() -> None:
         results["build_model_seconds"] = round(time.monotonic() - started, 1)
     save()
     command = [sys.executable, "-m", "thresher", "calibrate", "--model", str(model), "--data", str(args.data),
-               "--out", str(artifact), "--device", "cuda", "--sae-dtype", "float16"]
+               "--out", str(artifact), "--device", "cuda", "--sae-dtype", "float16", *args.calibrate_args.split()]
     results["command"] = " ".join(command[1:])
     started = time.monotonic()
     log_path = args.out.with_suffix(".log")

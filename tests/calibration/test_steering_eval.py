@@ -9,10 +9,10 @@ import torch
 
 from tests.helpers import run_thresher
 from thresher.artifact import REFERENCE_ARTIFACTS, SWEEP, load_artifact
-from thresher.calibration.steering_eval import SweepConfig, evaluate_steering
+from thresher.calibration.steering_eval import SweepConfig, evaluate_steering, promoted_top_tokens, sample_features
 from thresher.steering import SteeringAssets
 
-TINY = SweepConfig(instructions=2, new_tokens=12, features=16, vector_multiples=(1.0,), feature_strengths=(4.0, 16.0),
+TINY = SweepConfig(instructions=2, new_tokens=12, features=16, vector_multiples=(1.0,), feature_strengths=(2.0, 8.0),
                    clamp_multiples=(8.0,))
 
 
@@ -77,3 +77,18 @@ def test_a_feature_clamped_twice_ends_at_its_last_value():
     spec = assets.parse({"features": [{"id": 7, "clamp": 2.0}, {"id": 9, "strength": 1.0}, {"id": 7, "clamp": 5.0}]})
     rows = assets.clamp_rows(spec)
     assert rows.values.tolist() == [5.0] and torch.equal(rows.encoder[0], assets.sae.W_enc[:, 7].detach())
+
+
+def test_the_rule_samples_features_whose_decoder_row_writes_their_own_tokens(hf_model):
+    """A feature whose decoder row is a token's unembedding promotes that token; its negation promotes none of its
+    tokens, and the rule leaves it out."""
+    from types import SimpleNamespace
+
+    model, tokenizer = hf_model
+    river, water = (tokenizer.encode(t, add_special_tokens=False)[0] for t in (" river", " water"))
+    row = model.get_output_embeddings().weight[river].detach().float()
+    sae = SimpleNamespace(W_dec=torch.stack([row, -row]))
+    catalog = [{"id": i, "density": 0.01, "top_tokens": [{"token": " river"}, {"token": " water"}]} for i in (0, 1)]
+    promoted = promoted_top_tokens(model, tokenizer, sae, catalog, top_logits=50)
+    assert promoted[0] >= 1 and promoted[1] == 0, (promoted, river, water)
+    assert [e["id"] for e in sample_features(catalog, 16, (0.001, 0.02), promoted, min_promoted=1)] == [0]

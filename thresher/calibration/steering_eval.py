@@ -37,12 +37,16 @@ class SweepConfig:
     features: int = 16
     # vectors: multiples of the vector's rule-of-thumb strength (a quarter of the typical residual norm)
     vector_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0)
-    # features, added: multiples of the feature's mean activation; clamped: the value, in the same multiples
-    feature_strengths: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
-    clamp_multiples: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+    # features, added: multiples of the feature's mean activation; clamped: the value, in the same multiples (at 16x
+    # the text degenerates and no concept reads on it)
+    feature_strengths: tuple[float, ...] = (2.0, 4.0, 8.0)
+    clamp_multiples: tuple[float, ...] = (2.0, 4.0, 8.0)
     # the catalog sample: features firing on this fraction of tokens (rarer ones barely show on a few dozen generated
     # tokens; denser ones are mostly function-word features)
     density_range: tuple[float, float] = (0.001, 0.02)
+    # ... and whose decoder row writes their own tokens: at least `min_promoted` of them among its `top_logits` logits
+    top_logits: int = 50
+    min_promoted: int = 2
     seed: int = 0
     max_fluency_ratio: float = field(default=1.5)  # a best strength keeps perplexity within this factor of unsteered
 
@@ -68,12 +72,32 @@ def read_instructions(count: int) -> list[str]:
     return [json.loads(line)["instruction"] for line in lines if line.strip()][:count]
 
 
-def sample_features(catalog: list[dict], count: int, density_range: tuple[float, float]) -> list[dict]:
-    """The rule: features whose density lies in `density_range` and whose label starts with a word of 3+ letters,
-    `count` of them evenly spaced over that list in id order."""
+@torch.no_grad()
+def promoted_top_tokens(model, tokenizer, sae, catalog: list[dict], top_logits: int) -> dict[int, int]:
+    """Per feature, how many of its catalog top tokens its decoder row promotes: the row read through the model's
+    final norm and unembedding (a logit lens from the steering layer) puts them among its `top_logits` highest
+    logits. Features that write their own tokens are the ones adding a direction can steer (Arad et al. 2025, "SAEs
+    are good for steering, if you select the right features": output features)."""
+    norm, unembed = model.model.norm, model.get_output_embeddings()
+    promoted = {}
+    for start in range(0, len(catalog), 512):
+        entries = catalog[start:start + 512]
+        rows = sae.W_dec[[e["id"] for e in entries]].to(model.device, model.dtype)
+        highest = unembed(norm(rows.unsqueeze(0)))[0].topk(top_logits, dim=-1).indices.tolist()
+        for entry, ids in zip(entries, highest):
+            own = {encoded[0] for t in entry["top_tokens"]
+                   if len(encoded := tokenizer.encode(t["token"], add_special_tokens=False)) == 1}
+            promoted[entry["id"]] = len(own & set(ids))
+    return promoted
+
+
+def sample_features(catalog: list[dict], count: int, density_range: tuple[float, float], promoted: dict[int, int],
+                    min_promoted: int) -> list[dict]:
+    """The rule: features whose density lies in `density_range` and whose decoder row promotes at least
+    `min_promoted` of their own top tokens (`promoted_top_tokens`), `count` of them evenly spaced over that list in id
+    order."""
     low, high = density_range
-    eligible = sorted((e for e in catalog if low <= e["density"] <= high
-                       and len(e["label"].split(" / ")[0]) >= 3 and e["label"].split(" / ")[0].isalpha()),
+    eligible = sorted((e for e in catalog if low <= e["density"] <= high and promoted[e["id"]] >= min_promoted),
                       key=lambda e: e["id"])
     if len(eligible) <= count:
         return eligible
@@ -185,7 +209,10 @@ def sweep(model, tokenizer, assets: SteeringAssets, config: SweepConfig, pairs: 
             runs.append((name, "vector", "add", strength, strength * vector, None))
             runs.append((name, "random direction", "add", strength, strength * random, None))
             runs.append((name, "flipped", "add", strength, -strength * vector, None))
-    sampled = sample_features(assets.catalog, config.features, config.density_range) if sae is not None else []
+    sampled = []
+    if sae is not None:
+        promoted = promoted_top_tokens(model, tokenizer, sae, assets.catalog, config.top_logits)
+        sampled = sample_features(assets.catalog, config.features, config.density_range, promoted, config.min_promoted)
     for entry in sampled:
         key = f"feature {entry['id']}"
         description = [entry["label"].replace(" / ", " "), *(c["text"] for c in entry["top_contexts"])]
