@@ -2,14 +2,16 @@
 engine serving from the artifact it wrote.
 
     python bench/calibrate_8b.py --tokenizer DIR --data FILE.txt [--out results/calibrate-8b.json] [--layers 32]
+                                 [--calibrate-args="--max-tokens 8192 --sae-epochs 1"]
 
 No 8B weights can be downloaded here, so the model is Llama-3-8B's shape (32 layers, hidden 4096, MLP 14336, GQA
 32/8, vocab 128256) with random bf16 weights, built on the GPU and saved as a Hugging Face folder, with the tokenizer
 of `--tokenizer` (the embedded model's: its ids are a subset of the vocabulary). Calibration runs with every default
-budget (`--device cuda`, the SAE written in float16), as a user's `thresher calibrate --model` would; its stages'
-times and peak memory (from the manifest) go into the results file, which is rewritten after each step, so a run
-cut short still leaves what it measured; run again with the same `--work`, it reuses the model and the calibration
-resumes after its statistics pass. Then vLLM loads the model with the artifact and decodes at the 50% level
+budget (`--device cuda`, the SAE written in float16), as a user's `thresher calibrate --model` would
+(`--calibrate-args` adds options: small budgets when only the serve step is wanted); its stages' times and peak
+memory (from the manifest) go into the results file, which is rewritten after each step, so a run cut short still
+leaves what it measured; run again with the same `--work`, it reuses the model and the calibration resumes after its
+statistics pass. Then vLLM loads the model with the artifact and decodes at the 50% level
 with a steering vector.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -96,7 +99,7 @@ def main() -> None:
         results["build_model_seconds"] = round(time.monotonic() - started, 1)
     save()
     command = [sys.executable, "-m", "thresher", "calibrate", "--model", str(model), "--data", str(args.data),
-               "--out", str(artifact), "--device", "cuda", "--sae-dtype", "float16", *args.calibrate_args.split()]
+               "--out", str(artifact), "--device", "cuda", "--sae-dtype", "float16", *shlex.split(args.calibrate_args)]
     results["command"] = " ".join(command[1:])
     started = time.monotonic()
     log_path = args.out.with_suffix(".log")

@@ -83,7 +83,9 @@ def assets(small_artifact, embedded_model):
     return SteeringAssets(small_artifact, model_identity(embedded_model.path).hidden_size)
 
 
-def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifact, assets):
+def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifact, assets, embedded_model):
+    from transformers import AutoTokenizer
+
     report = json.loads((small_artifact / "report.json").read_text())
     sae = report["sae"]
     assert sae["layer"] == 15 and sae["d_sae"] == 8 * 576 and sae["k"] == 32 and sae["l0"] <= 32
@@ -99,6 +101,9 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     entry = assets.catalog[0]
     assert entry["label"] and entry["top_tokens"] and entry["top_contexts"] and 0 < entry["density"] <= 1
     word = entry["top_tokens"][0]["token"].strip()
+    top = entry["top_tokens"][0]
+    decoded = AutoTokenizer.from_pretrained(embedded_model.path).decode([top["token_id"]])
+    assert decoded.replace("\n", "\\n") == top["token"], top
     assert any(e["id"] == entry["id"] for e in assets.search_features(word, limit=len(assets.catalog)))
     assert assets.search_features("no such text anywhere 1234567") == []
     assert set(assets.vector_info) == {"formal", "positive", "terse"}

@@ -80,15 +80,19 @@ def test_a_feature_clamped_twice_ends_at_its_last_value():
 
 
 def test_the_rule_samples_features_whose_decoder_row_writes_their_own_tokens(hf_model):
-    """A feature whose decoder row is a token's unembedding promotes that token; its negation promotes none of its
-    tokens, and the rule leaves it out."""
+    """Decoder rows made of token unembeddings: the row of " river" + " water" promotes both tokens, its negation
+    neither; with the default bar of 2 the rule keeps only the first. Ids are not the rows' positions in the
+    catalog, and the old catalogs' text-only tokens count too."""
     from types import SimpleNamespace
 
     model, tokenizer = hf_model
     river, water = (tokenizer.encode(t, add_special_tokens=False)[0] for t in (" river", " water"))
-    row = model.get_output_embeddings().weight[river].detach().float()
-    sae = SimpleNamespace(W_dec=torch.stack([row, -row]))
-    catalog = [{"id": i, "density": 0.01, "top_tokens": [{"token": " river"}, {"token": " water"}]} for i in (0, 1)]
-    promoted = promoted_top_tokens(model, tokenizer, sae, catalog, top_logits=50)
-    assert promoted[0] >= 1 and promoted[1] == 0, (promoted, river, water)
-    assert [e["id"] for e in sample_features(catalog, 16, (0.001, 0.02), promoted, min_promoted=1)] == [0]
+    unembedding = model.get_output_embeddings().weight.detach().float()
+    both = unembedding[river] / unembedding[river].norm() + unembedding[water] / unembedding[water].norm()
+    sae = SimpleNamespace(W_dec=torch.stack([torch.zeros_like(both), -both, both]).half())
+    tokens = [{"token": " river", "token_id": river}, {"token": " water"}]
+    catalog = [{"id": i, "density": 0.01, "top_tokens": tokens} for i in (2, 1)]
+    promoted = promoted_top_tokens(model, tokenizer, sae, catalog, top_logits=SweepConfig.top_logits)
+    assert promoted == {2: 2, 1: 0}
+    sampled = sample_features(catalog, 16, SweepConfig.density_range, promoted, SweepConfig.min_promoted)
+    assert [e["id"] for e in sampled] == [2]

@@ -79,7 +79,7 @@ def build_feature_catalog(sae: SparseAutoencoder, residuals: Residuals, tokenize
     total = len(positions)
     catalog = []
     for feature in fired.nonzero().squeeze(1).tolist():
-        tokens = [{"token": _token_text(tokenizer, t), "activation_sum": round(v, 2)}
+        tokens = [{"token": _token_text(tokenizer, t), "token_id": t, "activation_sum": round(v, 2)}
                   for t, v in top_tokens.get(feature, [])]
         contexts = [{"text": _context(tokenizer, residuals, int(p)), "activation": round(float(v), 2)}
                     for v, p in zip(best_values[feature], best_positions[feature]) if v > 0]

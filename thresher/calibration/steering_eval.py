@@ -77,7 +77,9 @@ def promoted_top_tokens(model, tokenizer, sae, catalog: list[dict], top_logits: 
     """Per feature, how many of its catalog top tokens its decoder row promotes: the row read through the model's
     final norm and unembedding (a logit lens from the steering layer) puts them among its `top_logits` highest
     logits. Features that write their own tokens are the ones adding a direction can steer (Arad et al. 2025, "SAEs
-    are good for steering, if you select the right features": output features)."""
+    are good for steering, if you select the right features": output features). Catalogs written before top tokens
+    carried their `token_id` are matched by re-encoding each token's text (a text that is no longer one token, such
+    as an escaped newline, then does not count)."""
     norm, unembed = model.model.norm, model.get_output_embeddings()
     promoted = {}
     for start in range(0, len(catalog), 512):
@@ -85,10 +87,16 @@ def promoted_top_tokens(model, tokenizer, sae, catalog: list[dict], top_logits: 
         rows = sae.W_dec[[e["id"] for e in entries]].to(model.device, model.dtype)
         highest = unembed(norm(rows.unsqueeze(0)))[0].topk(top_logits, dim=-1).indices.tolist()
         for entry, ids in zip(entries, highest):
-            own = {encoded[0] for t in entry["top_tokens"]
-                   if len(encoded := tokenizer.encode(t["token"], add_special_tokens=False)) == 1}
+            own = {_token_id(tokenizer, t) for t in entry["top_tokens"]} - {None}
             promoted[entry["id"]] = len(own & set(ids))
     return promoted
+
+
+def _token_id(tokenizer, top_token: dict) -> int | None:
+    if "token_id" in top_token:
+        return top_token["token_id"]
+    encoded = tokenizer.encode(top_token["token"], add_special_tokens=False)
+    return encoded[0] if len(encoded) == 1 else None
 
 
 def sample_features(catalog: list[dict], count: int, density_range: tuple[float, float], promoted: dict[int, int],
