@@ -162,7 +162,10 @@ def test_clamping_sets_what_the_sae_reads_at_the_steering_layer(thresher_llm, as
 def test_clamps_and_adds_mix_in_a_batch_without_leaking(thresher_llm, assets):
     """A fixed batch of unsteered, clamped and added requests: each gets its solo tokens; the unsteered ones get
     what the same batch shape with unsteered neighbours gives them."""
-    feature = densest_features(assets)[1]
+    # a clamp that changes this prompt's tokens (which of the densest features does depends on the trained SAE)
+    unsteered = tokens(steered(thresher_llm, [PROMPTS[1]], [None]))[0]
+    feature = next(f for f in densest_features(assets)[1:] if tokens(steered(
+        thresher_llm, [PROMPTS[1]], [_spec(assets, features=[{"id": f, "clamp": 40.0}])]))[0] != unsteered)
     specs = [None, _spec(assets, features=[{"id": feature, "clamp": 40.0}]), None,
              _spec(assets, features=[{"id": feature, "strength": 6.0}, {"id": 11, "clamp": 0.0}])]
     mixed = tokens(steered(thresher_llm, PROMPTS, specs))
