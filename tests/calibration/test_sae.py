@@ -86,6 +86,8 @@ def assets(small_artifact, embedded_model):
 def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifact, assets, embedded_model):
     from transformers import AutoTokenizer
 
+    from thresher.calibration.catalog import _token_text
+
     report = json.loads((small_artifact / "report.json").read_text())
     sae = report["sae"]
     assert sae["layer"] == 15 and sae["d_sae"] == 8 * 576 and sae["k"] == 32 and sae["l0"] <= 32
@@ -100,10 +102,9 @@ def test_calibrated_artifact_reports_sae_quality_and_has_a_catalog(small_artifac
     assert len(assets.catalog) > 100
     entry = assets.catalog[0]
     assert entry["label"] and entry["top_tokens"] and entry["top_contexts"] and 0 < entry["density"] <= 1
-    word = entry["top_tokens"][0]["token"].strip()
     top = entry["top_tokens"][0]
-    decoded = AutoTokenizer.from_pretrained(embedded_model.path).decode([top["token_id"]])
-    assert decoded.replace("\n", "\\n") == top["token"], top
+    word = top["token"].strip()
+    assert _token_text(AutoTokenizer.from_pretrained(embedded_model.path), top["token_id"]) == top["token"], top
     assert any(e["id"] == entry["id"] for e in assets.search_features(word, limit=len(assets.catalog)))
     assert assets.search_features("no such text anywhere 1234567") == []
     assert set(assets.vector_info) == {"formal", "positive", "terse"}
