@@ -17,9 +17,11 @@ def test_openapi_document_matches_the_server(server):
     environment = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.schemathesis_hooks",
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                   os.environ.get("PYTHONPATH", "")])}
+    # One worker: hypothesis describes its lambdas with ast.parse, and two threads parsing at once can raise a spurious
+    # "AST constructor recursion depth mismatch" SystemError before CPython 3.11.8 (gh-106905); CI runs 3.11.7.
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.base_url}/openapi.json",
          "--header", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--max-time", str(BUDGET_S),
-         "--request-timeout", "120", "--workers", "2", "--seed", "1"],
+         "--request-timeout", "120", "--workers", "1", "--seed", "1"],
         capture_output=True, text=True, timeout=BUDGET_S + 300, env=environment)
     assert result.returncode == 0 and "No issues found" in result.stdout, result.stdout[-6000:]
