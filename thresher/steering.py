@@ -121,9 +121,9 @@ class SteeringAssets:
         # measured best strengths (`thresher steering-eval`) replace the rule of thumb
         self.measured: dict[str, dict] = json.loads(sweep_path.read_text())["best"] if sweep_path.is_file() else {}
         for name, info in self.vector_info.items():
+            info["rule_of_thumb_strength"] = info["suggested_strength"]
             best = self.measured.get(f"{name}:add")
             if best is not None:
-                info["rule_of_thumb_strength"] = info["suggested_strength"]
                 info["suggested_strength"] = best["strength"]
 
     @property

@@ -42,9 +42,12 @@ def test_features_activation_rises_with_strength(swept):
 
 def test_every_vector_runs_beside_its_controls_and_the_report_is_written(swept):
     artifact, report, result = swept
-    for name in SteeringAssets(artifact, 576).vector_info:
+    for name, info in SteeringAssets(artifact, 576).vector_info.items():
         kinds = {r["kind"] for r in result["rows"] if r["target"] == name}
         assert kinds == {"vector", "random direction", "flipped"}, name
+        # the shipped artifact holds a stored sweep already: the grid stays on the rule of thumb, not that best
+        strengths = {r["strength"] for r in result["rows"] if r["target"] == name}
+        assert strengths == {round(info["rule_of_thumb_strength"] * m, 4) for m in TINY.vector_multiples}, name
     assert result["rows"][0]["kind"] == "unsteered"
     assert all(0 <= r["combined"] <= 1 and r["perplexity"] > 0 for r in result["rows"][1:])
     assert json.loads((report / "steering_report.json").read_text())["best"] == result["best"]

@@ -35,7 +35,8 @@ class SweepConfig:
     instructions: int = 8
     new_tokens: int = 32
     features: int = 16
-    # vectors: multiples of the vector's rule-of-thumb strength (a quarter of the typical residual norm)
+    # vectors: multiples of the vector's rule-of-thumb strength (a quarter of the typical residual norm; never a stored
+    # best strength, so that sweeping a swept artifact sweeps the same grid)
     vector_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0)
     # features, added: multiples of the feature's mean activation; clamped: the value, in the same multiples (at 16x
     # the text degenerates and no concept reads on it)
@@ -211,7 +212,7 @@ def sweep(model, tokenizer, assets: SteeringAssets, config: SweepConfig, pairs: 
         concepts[name] = {"kind": "vector", "unit": unit,
                           "positive": _concept([p for p, _ in examples], judge) if examples else None,
                           "negative": _concept([n for _, n in examples], judge) if examples else None}
-        rule = info["suggested_strength"]
+        rule = info["rule_of_thumb_strength"]
         for multiple in config.vector_multiples:
             strength = round(rule * multiple, 4)
             runs.append((name, "vector", "add", strength, strength * vector, None))
