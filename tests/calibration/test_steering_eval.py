@@ -9,7 +9,8 @@ import torch
 
 from tests.helpers import run_thresher
 from thresher.artifact import REFERENCE_ARTIFACTS, SWEEP, load_artifact
-from thresher.calibration.steering_eval import SweepConfig, evaluate_steering, promoted_top_tokens, sample_features
+from thresher.calibration.steering_eval import (SweepConfig, evaluate_steering, promoted_top_tokens, sample_features,
+                                               summarize)
 from thresher.steering import SteeringAssets
 
 TINY = SweepConfig(instructions=2, new_tokens=12, features=16, vector_multiples=(1.0,), feature_strengths=(2.0, 8.0),
@@ -66,6 +67,23 @@ def test_the_best_strengths_are_stored_and_served_as_suggestions(swept):
     entry = assets.feature(feature)
     assert entry["suggested_strength"] == result["best"][f"feature {feature}:add"]["strength"]
     assert entry["suggested_clamp"] == result["best"][f"feature {feature}:clamp"]["strength"]
+
+
+def test_a_vector_steers_only_above_the_unsteered_text_and_its_random_control():
+    """The issue's vector target: the judge's gain over the unsteered text is positive, larger than the random
+    direction's, and the perplexity stays within the bound (gains as measured for terse on 12 x 48: -0.001 against
+    -0.019)."""
+    measured = {"terse": (-0.001, -0.019, 2.4), "formal": (0.107, 0.041, 2.4), "positive": (0.05, 0.002, 3.6),
+                "calm": (0.03, 0.04, 2.4)}
+    rows, best = [], {}
+    for name, (gain, random_gain, perplexity) in measured.items():
+        for kind, judge_gain in (("vector", gain), ("random direction", random_gain)):
+            rows.append({"target": name, "kind": kind, "mode": "add", "strength": 0.5, "judge_gain": judge_gain,
+                         "perplexity": perplexity})
+        best[f"{name}:add"] = {"target": name, "mode": "add", "strength": 0.5, "combined": 0.0}
+    vectors = summarize(rows, best, unsteered_perplexity=2.0, max_fluency_ratio=1.5)["vectors"]
+    assert {name: v["steers"] for name, v in vectors.items()} == {"terse": False, "formal": True, "positive": False,
+                                                                   "calm": False}
 
 
 def test_a_bad_request_is_refused_before_any_work(tmp_path):

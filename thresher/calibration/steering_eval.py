@@ -261,13 +261,16 @@ def sweep(model, tokenizer, assets: SteeringAssets, config: SweepConfig, pairs: 
     best = best_strengths(rows, baseline["perplexity"] * config.max_fluency_ratio)
     return {"layer": layer, "instructions": len(prompts), "new_tokens": config.new_tokens,
             "unsteered_perplexity": baseline["perplexity"], "rows": rows, "best": best,
-            "features": [e["id"] for e in sampled], "summary": summarize(rows, best, baseline["perplexity"])}
+            "features": [e["id"] for e in sampled],
+            "summary": summarize(rows, best, baseline["perplexity"], config.max_fluency_ratio)}
 
 
-def summarize(rows: list[dict], best: dict[str, dict], unsteered_perplexity: float) -> dict:
-    """The sweep against its questions: does each vector at its best strength move the judge more than a random
-    direction of its norm at that strength, within 1.5x the unsteered perplexity; does each feature's activation rise
-    with strength; does clamping beat adding at their best."""
+def summarize(rows: list[dict], best: dict[str, dict], unsteered_perplexity: float,
+              max_fluency_ratio: float) -> dict:
+    """The sweep against its questions: does each vector at its best strength move the judge above the unsteered
+    text's, and more than a random direction of its norm at that strength, within `max_fluency_ratio` x the
+    unsteered perplexity; does each feature's activation rise with strength; does clamping beat adding at their
+    best."""
 
     def row(target, kind, mode, strength):
         return next(r for r in rows if (r["target"], r["kind"], r["mode"], r["strength"]) == (target, kind, mode,
@@ -283,8 +286,8 @@ def summarize(rows: list[dict], best: dict[str, dict], unsteered_perplexity: flo
             "strength": chosen["strength"], "judge_gain": steered["judge_gain"],
             "random_judge_gain": random["judge_gain"],
             "perplexity_ratio": round(steered["perplexity"] / unsteered_perplexity, 3),
-            "steers": steered["judge_gain"] > random["judge_gain"]
-                      and steered["perplexity"] <= 1.5 * unsteered_perplexity}
+            "steers": steered["judge_gain"] > max(random["judge_gain"], 0.0)
+                      and steered["perplexity"] <= max_fluency_ratio * unsteered_perplexity}
     features = {}
     for target in sorted({r["target"] for r in rows if r["kind"] == "feature"}):
         by_mode = {}
