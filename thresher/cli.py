@@ -18,7 +18,7 @@ from thresher.calibration.refine import RefineConfig
 from thresher.calibration.sae_finetune import FineTuneConfig
 from thresher.calibration.sae_training import TrainingConfig
 from thresher.calibration.report import print_long_context, print_report, print_sweep
-from thresher.calibration.steering_eval import SweepConfig
+from thresher.calibration.steering_eval import SweepConfig, read_instructions
 from thresher.calibration.thresholds import METHODS
 
 app = typer.Typer(
@@ -211,7 +211,7 @@ def steering_eval_command(
                                                "decoder row promotes 2+ of their own top tokens (a logit lens), "
                                                "evenly spaced by id.")] = SweepConfig.features,
     instructions: Annotated[int, typer.Option(help="Held-out instructions generated from, per strength (at most "
-                                                   "12).")] = SweepConfig.instructions,
+                                                   f"{len(read_instructions())}).")] = SweepConfig.instructions,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per instruction.")] = SweepConfig.new_tokens,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help="The pairs the vectors were made from (their examples describe each concept to the judge); default: "
@@ -231,8 +231,9 @@ def steering_eval_command(
     from thresher.data import DataError
     from thresher.models import ModelError
 
-    if not 1 <= instructions <= 12:
-        raise typer.BadParameter(f"must lie within 1..12, got {instructions}", param_hint="--instructions")
+    available = len(read_instructions())
+    if not 1 <= instructions <= available:
+        raise typer.BadParameter(f"must lie within 1..{available}, got {instructions}", param_hint="--instructions")
     config = SweepConfig(instructions=instructions, new_tokens=new_tokens, features=features)
     try:
         result = evaluate_steering(artifact, model=model, config=config, pairs_path=steering_pairs, store=store,

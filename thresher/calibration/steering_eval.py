@@ -68,7 +68,8 @@ def steering_hook(direction: torch.Tensor | None, clamps: ClampRows | None):
     return edit
 
 
-def read_instructions(count: int) -> list[str]:
+def read_instructions(count: int | None = None) -> list[str]:
+    """The first `count` held-out instructions (all of them by default)."""
     lines = INSTRUCTIONS.read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["instruction"] for line in lines if line.strip()][:count]
 
