@@ -89,7 +89,7 @@ def test_a_vector_steers_only_above_the_unsteered_text_and_its_random_control():
 def test_a_bad_request_is_refused_before_any_work(tmp_path):
     result = run_thresher("steering-eval", "--artifact", str(tmp_path / "absent"))
     assert result.returncode == 2 and "absent" in result.stderr
-    result = run_thresher("steering-eval", "--artifact", str(tmp_path), "--instructions", "40")
+    result = run_thresher("steering-eval", "--artifact", str(tmp_path), "--instructions", "100")
     assert result.returncode == 2 and "--instructions" in result.stderr
 
 
