@@ -21,6 +21,8 @@ from thresher.calibration.report import print_long_context, print_report, print_
 from thresher.calibration.steering_eval import SweepConfig, read_instructions
 from thresher.calibration.thresholds import METHODS
 
+SHIPPED_INSTRUCTIONS = len(read_instructions())
+
 app = typer.Typer(
     help="thresher: serve LLMs made faster by activation sparsity and steerable by SAE features.",
     no_args_is_help=True,
@@ -211,7 +213,7 @@ def steering_eval_command(
                                                "decoder row promotes 2+ of their own top tokens (a logit lens), "
                                                "evenly spaced by id.")] = SweepConfig.features,
     instructions: Annotated[int, typer.Option(help="Held-out instructions generated from, per strength (at most "
-                                                   f"{len(read_instructions())}).")] = SweepConfig.instructions,
+                                                   f"{SHIPPED_INSTRUCTIONS}).")] = SweepConfig.instructions,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per instruction.")] = SweepConfig.new_tokens,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help="The pairs the vectors were made from (their examples describe each concept to the judge); default: "
@@ -231,9 +233,9 @@ def steering_eval_command(
     from thresher.data import DataError
     from thresher.models import ModelError
 
-    available = len(read_instructions())
-    if not 1 <= instructions <= available:
-        raise typer.BadParameter(f"must lie within 1..{available}, got {instructions}", param_hint="--instructions")
+    if not 1 <= instructions <= SHIPPED_INSTRUCTIONS:
+        raise typer.BadParameter(f"must lie within 1..{SHIPPED_INSTRUCTIONS}, got {instructions}",
+                                 param_hint="--instructions")
     config = SweepConfig(instructions=instructions, new_tokens=new_tokens, features=features)
     try:
         result = evaluate_steering(artifact, model=model, config=config, pairs_path=steering_pairs, store=store,
