@@ -90,8 +90,11 @@ def test_uniform_thresholds_from_samples_hit_each_level():
     from thresher.calibration.thresholds import uniform_thresholds_from_samples
 
     torch.manual_seed(0)
-    samples = {"layers.0.qkv": torch.randn(50_000).abs(), "layers.0.down": 3 * torch.randn(50_000).abs()}
-    fitted = uniform_thresholds_from_samples(samples, {"layers.0.qkv": 8, "layers.0.down": 4}, [0.25, 0.5])
+    # down's magnitudes are what dummy weights make: all under the histograms' lowest bin edge (2^-16)
+    samples = {"layers.0.qkv": torch.randn(50_000).abs(), "layers.0.o": 3 * torch.randn(50_000).abs(),
+               "layers.0.down": 1e-6 * torch.randn(50_000).abs()}
+    fitted = uniform_thresholds_from_samples(samples, {"layers.0.qkv": 8, "layers.0.o": 4, "layers.0.down": 4},
+                                             [0.25, 0.5])
     assert fitted["layers.0.qkv"].shape == (3, 8) and fitted["layers.0.down"].shape == (3, 4)
     for name, values in samples.items():
         table = fitted[name]

@@ -171,11 +171,19 @@ def uniform_thresholds_from_samples(samples: dict[str, torch.Tensor], widths: di
                                    levels: list[float]) -> dict[str, torch.Tensor]:
     """TEAL-uniform thresholds `[1 + len(levels), widths[name]]` from samples of each tensor's activations (its
     channels pooled), through the same fit as `teal-uniform` calibration: for models that exist only in an engine,
-    whose decode inputs are all there is to fit on (the decode benchmark's dummy weights)."""
+    whose decode inputs are all there is to fit on (the decode benchmark's dummy weights).
+
+    Each tensor's samples are fitted as fractions of their largest magnitude, and its thresholds scaled back: the fit
+    commutes with scaling, and the histograms resolve magnitudes down to 2^-16 only, which the attention and MLP
+    outputs of dummy weights (~1e-3 at most) fall below; fitted unscaled, every one of those activations was zeroed
+    at any level."""
     count = min(len(values) for values in samples.values())  # every tensor weighs the same in the fit
     stats = ActivationStatistics(tokens=count)
+    scales = {}
     for name, values in samples.items():
+        values = values[:count].double().abs()
+        scales[name] = float(values.max()) or 1.0
         stats.histograms[name] = ChannelHistogram.empty(1, 1)
-        stats.histograms[name].add(values[:count].reshape(-1, 1), None)
+        stats.histograms[name].add((values / scales[name]).reshape(-1, 1), None)
     pooled, _ = fit_channel_thresholds(stats, levels, "teal-uniform")
-    return {name: table.expand(-1, widths[name]).contiguous() for name, table in pooled.items()}
+    return {name: (table * scales[name]).expand(-1, widths[name]).contiguous() for name, table in pooled.items()}
