@@ -209,9 +209,10 @@ def eval_command(
 def steering_eval_command(
     artifact: Annotated[Path, typer.Option(help="Artifact directory with an SAE and/or steering vectors.")],
     model: ModelOption = None,
-    features: Annotated[int, typer.Option(help="Catalog features to sweep: those firing on 0.1-2% of tokens whose "
-                                               "decoder row promotes 2+ of their own top tokens (a logit lens), "
-                                               "evenly spaced by id.")] = SweepConfig.features,
+    features: Annotated[int, typer.Option(
+        min=0, help="Catalog features to sweep: those firing on 0.1-2% of tokens whose decoder row promotes 2+ of "
+                    "their own top tokens (a logit lens), evenly spaced by id; 0 sweeps the vectors only.")
+    ] = SweepConfig.features,
     instructions: Annotated[int, typer.Option(help="Held-out instructions generated from, per strength (at most "
                                                    f"{SHIPPED_INSTRUCTIONS}).")] = SweepConfig.instructions,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per instruction.")] = SweepConfig.new_tokens,

@@ -117,3 +117,5 @@ def test_the_rule_samples_features_whose_decoder_row_writes_their_own_tokens(hf_
     assert promoted == {2: 2, 1: 0}
     sampled = sample_features(catalog, 16, SweepConfig.density_range, promoted, SweepConfig.min_promoted)
     assert [e["id"] for e in sampled] == [2]
+    assert sample_features(catalog, 0, SweepConfig.density_range, promoted, 0) == []  # --features 0: vectors only
+    assert [e["id"] for e in sample_features(catalog, 1, SweepConfig.density_range, promoted, 0)] == [1]

@@ -111,7 +111,9 @@ def sample_features(catalog: list[dict], count: int, density_range: tuple[float,
                       key=lambda e: e["id"])
     if len(eligible) <= count:
         return eligible
-    return [eligible[round(i * (len(eligible) - 1) / (count - 1))] for i in range(count)] if count > 1 else eligible[:1]
+    if count <= 1:
+        return eligible[:count]
+    return [eligible[round(i * (len(eligible) - 1) / (count - 1))] for i in range(count)]
 
 
 @torch.no_grad()
