@@ -146,7 +146,7 @@ def main() -> None:
                         "fewer to fit a 70B shape on the GPUs at hand")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine, stock and thresher")
     parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--levels", default="0.25,0.4,0.5")
+    parser.add_argument("--levels", default="0.25,0.4,0.5", help="sparse levels to fit and time, beside level 0")
     parser.add_argument("--repeats", type=int, default=3, help="timed generates per cell; the median is reported "
                         "(one run of batch 16 varied by up to 7%% between identical cells)")
     parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
@@ -159,6 +159,8 @@ def main() -> None:
     layers = args.layers or shape["num_hidden_layers"]
     batches = [int(b) for b in args.batches.split(",")]
     levels = [float(x) for x in args.levels.split(",")]
+    if not all(0 < level < 1 for level in levels):
+        parser.error(f"--levels {args.levels}: sparse levels lie strictly between 0 and 1 (level 0 always runs)")
     work = Path(tempfile.mkdtemp(prefix="thresher-decode-"))
     model = work / "model"
     model.mkdir()
