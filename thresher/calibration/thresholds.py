@@ -175,8 +175,7 @@ def uniform_thresholds_from_samples(samples: dict[str, torch.Tensor], widths: di
 
     Each tensor's samples are fitted as fractions of their largest magnitude, and its thresholds scaled back: the fit
     commutes with scaling, and the histograms resolve magnitudes down to 2^-16 only, which the attention and MLP
-    outputs of dummy weights (~1e-3 at most) fall below; fitted unscaled, every one of those activations was zeroed
-    at any level."""
+    outputs of dummy weights (~1e-3 at most) fall below."""
     count = min(len(values) for values in samples.values())  # every tensor weighs the same in the fit
     stats = ActivationStatistics(tokens=count)
     scales = {}
