@@ -2,10 +2,13 @@
 
     python bench/decode.py [--out results/decode.json] [--layers 32] [--batches 1,4,16] [--repeats 3]
                            [--shape llama3-8b|llama3-70b] [--tensor-parallel-size N] [--quantization fp8]
+                           [--no-attention-budgets]
 
 Llama-3-8B shape (32 layers, hidden 4096, MLP 14336, GQA 32/8, vocab 128256), `load_format="dummy"` bf16 weights,
 torch.compile and CUDA graphs on, greedy, 64-token prompts, 256 new tokens, both engines on the model runner that
-vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1).
+vLLM picks (V2 on vLLM 0.26 GPUs; `VLLM_USE_V2_MODEL_RUNNER=0` for V1). thresher's engine has attention budgets
+wired, as served, unless `--no-attention-budgets`: the tables before that wiring (and the projections' speed alone)
+compare with the flag.
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
 the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--levels", default="0.25,0.4,0.5", help="sparse levels to fit and time, beside level 0")
     parser.add_argument("--repeats", type=int, default=3, help="timed generates per cell; the median is reported "
                         "(one run of batch 16 varied by up to 7%% between identical cells)")
+    parser.add_argument("--attention-budgets", action=argparse.BooleanOptionalAction, default=True,
+                        help="wire per-request attention budgets into thresher's engine, as `thresher serve` does by "
+                        "default (no budget is asked for here; on GPUs the wiring costs decode steps a few percent)")
     parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
                         help="weights of both engines: bf16, or vLLM's online FP8 (stock bf16 then runs beside)")
     args = parser.parse_args()
@@ -170,12 +176,13 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name(), "tensor_parallel_size": TENSOR_PARALLEL_SIZE,
                "model": f"{args.shape} shape, {layers} layers, dummy weights", "quantization": args.quantization,
+               "attention_budgets_wired": args.attention_budgets,
                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "vLLM's default"),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "measured_decode_sparsity": {str(level): value for level, value in measured.items()}, "rows": []}
     dense = _stock_tok_s(model, batches, args.repeats, quantization)
     bf16 = _stock_tok_s(model, batches, args.repeats, None) if quantization else dense
-    sparse = _engine(model, quantization, hf_overrides=engine_overrides(model, artifact),
+    sparse = _engine(model, quantization, hf_overrides=engine_overrides(model, artifact, args.attention_budgets),
                      worker_extension_cls=EXTENSION)
     _decode(sparse, 1, 0.0, new_tokens=16)
     for batch in batches:
@@ -193,6 +200,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))  # partial results survive a cut run
     _shutdown(sparse)
     print(f"\n{results['device']} x {TENSOR_PARALLEL_SIZE}, {results['model']}, weights {args.quantization}, "
+          f"attention budgets {'wired' if args.attention_budgets else 'not wired'}, "
           f"{PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy")
     print("measured decode sparsity (batch 1): " + ", ".join(f"level {k}: {v}" for k, v in measured.items()))
     print(f"{'batch':>5} {'level':>12} {'tok/s':>9} {'vs stock':>9} {'vs bf16':>8}")
