@@ -12,8 +12,9 @@ compare with the flag.
 Dummy weights have no calibration text, so thresholds are fitted inside the engine first: an eager engine records
 the projection inputs of decode steps and sets one threshold per tensor for each level (TEAL-uniform); the speed of
 the sparse path depends only on how many activations fall under the thresholds, and each tensor's threshold is
-calibration's TEAL-uniform fit of its recorded decode inputs. The fit decodes the batch-1 prompt for the same 256 positions that
-are timed, since activations drift with position: fitted on 32 steps of another batch, the 50% level skipped 48.9%.
+calibration's TEAL-uniform fit of its recorded decode inputs. The fit decodes the batch-1 prompt for the same 256
+positions that are timed, since activations drift with position: fitted on 32 steps of another batch, the 50% level
+skipped 48.9%.
 The decode-time sparsity each level then reaches is measured and printed too (an eager engine with thresher's meter
 on, the same batch-1 decode).
 
