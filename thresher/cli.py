@@ -215,7 +215,7 @@ def steering_eval_command(
     ] = SweepConfig.features,
     instructions: Annotated[int, typer.Option(help="Held-out instructions generated from, per strength (at most "
                                                    f"{SHIPPED_INSTRUCTIONS}).")] = SweepConfig.instructions,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per instruction.")] = SweepConfig.new_tokens,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per instruction.")] = SweepConfig.new_tokens,
     steering_pairs: Annotated[Optional[Path], typer.Option(
         help="The pairs the vectors were made from (their examples describe each concept to the judge); default: "
              "the built-in set.")] = None,

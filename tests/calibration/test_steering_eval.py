@@ -91,6 +91,9 @@ def test_a_bad_request_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2 and "absent" in result.stderr
     result = run_thresher("steering-eval", "--artifact", str(tmp_path), "--instructions", "100")
     assert result.returncode == 2 and "--instructions" in result.stderr
+    for option, value in (("--new-tokens", "0"), ("--features", "-1")):
+        result = run_thresher("steering-eval", "--artifact", str(tmp_path), option, value)
+        assert result.returncode == 2 and option in result.stderr
 
 
 def test_a_feature_clamped_twice_ends_at_its_last_value():
