@@ -81,9 +81,11 @@ def calibrate_command(
         ",".join(str(x) for x in DEFAULT_LEVELS)
     ),
     method: Annotated[str, typer.Option(help=f"Threshold method: {' or '.join(METHODS)}.")] = METHODS[0],
-    max_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_CALIBRATION_TOKENS,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the quick report (0: no report).")] = 4096,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens.")] = DEFAULT_CALIBRATION_TOKENS,
+    eval_tokens: Annotated[int, typer.Option(
+        min=0, help="Held-out tokens for the quick report (0: no report).")] = 4096,
     refine_tokens: Annotated[int, typer.Option(
+        min=0,
         help=f"Calibration tokens over which the channel-greedy thresholds of the levels >= {RefineConfig.min_level} "
              "are refined end to end: "
              "moved down the KL divergence from the dense model, each level's sparsity held on the calibration text "
@@ -93,11 +95,15 @@ def calibrate_command(
     sae_layer: Annotated[Optional[int], typer.Option(help="Decoder layer whose output the SAE reads and steering "
                                                           "writes; default: the middle layer.")] = None,
     sae_tokens: Annotated[int, typer.Option(
-        help="Text tokens whose residual stream trains the SAE (each read in two context views).")] = SAEOptions.tokens,
-    sae_expansion: Annotated[int, typer.Option(help="SAE latents per hidden dimension.")] = TrainingConfig.expansion,
-    sae_k: Annotated[int, typer.Option(help="Active latents per token (TopK).")] = TrainingConfig.k,
-    sae_epochs: Annotated[int, typer.Option(help="Passes over the SAE training tokens.")] = TrainingConfig.epochs,
+        min=1, help="Text tokens whose residual stream trains the SAE (each read in two context views).")
+    ] = SAEOptions.tokens,
+    sae_expansion: Annotated[int, typer.Option(min=1, help="SAE latents per hidden dimension.")] = (
+        TrainingConfig.expansion),
+    sae_k: Annotated[int, typer.Option(min=1, help="Active latents per token (TopK).")] = TrainingConfig.k,
+    sae_epochs: Annotated[int, typer.Option(min=1, help="Passes over the SAE training tokens.")] = (
+        TrainingConfig.epochs),
     sae_finetune_tokens: Annotated[int, typer.Option(
+        min=0,
         help="Tokens of end-to-end fine-tuning after the SAE's reconstruction training: the KL divergence of the "
              "model with the SAE spliced in from the dense model (0: none).")] = FineTuneConfig.tokens,
     steering_pairs: Annotated[Optional[Path], typer.Option(
@@ -117,9 +123,6 @@ def calibrate_command(
 
     if method not in METHODS:
         raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}", param_hint="--method")
-    for value, hint in ((sae_finetune_tokens, "--sae-finetune-tokens"), (refine_tokens, "--refine-tokens")):
-        if value < 0:
-            raise typer.BadParameter("must be 0 or more", param_hint=hint)
     if sae_dtype not in SAE_DTYPES:
         raise typer.BadParameter(f"must be one of {', '.join(SAE_DTYPES)}", param_hint="--sae-dtype")
     options = None
@@ -154,7 +157,7 @@ def eval_command(
                                                        "16 on GPUs).")] = 16,
     model: ModelOption = None,
     data: DataOption = None,
-    max_tokens: Annotated[int, typer.Option(help="Held-out evaluation tokens.")] = 16384,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Held-out evaluation tokens.")] = 16384,
     report_dir: Annotated[Optional[Path], typer.Option(
         help="Where report.json/png go (created if missing); default: first artifact.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,

@@ -94,3 +94,10 @@ def test_calibrate_rejects_bad_levels(tmp_path):
     result = run_thresher("calibrate", "--out", str(tmp_path / "x"), "--levels", "0.5,1.5")
     assert result.returncode == 2
     assert "strictly between 0 and 1" in result.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-tokens", "0"), ("--eval-tokens", "-1"), ("--sae-epochs", "0")])
+def test_calibrate_refuses_counts_out_of_range_before_any_work(tmp_path, option, value):
+    result = run_thresher("calibrate", "--out", str(tmp_path / "x"), option, value)
+    assert result.returncode == 2 and option in result.stderr
+    assert not (tmp_path / "x").exists()
