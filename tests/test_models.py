@@ -78,6 +78,8 @@ def test_serve_refuses_a_tensor_parallel_size_before_starting_anything(embedded_
     (["--engine-arg", "kv_cache_dtype=fp8"],
      "--engine-arg: kv_cache_dtype=fp8: thresher serves KV caches in the model's dtype only"),
     (["--quantization", "awq"], "--quantization: expected one of fp8, got 'awq'"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must lie in (0, 1], got 1.5"),
+    (["--max-num-seqs", "0"], "'--max-num-seqs': Input should be greater than or equal to 1"),
     pytest.param(["--quantization", "fp8"], "--quantization: fp8 weights need a CUDA GPU (vLLM's CPU backend has no "
                  "FP8 linear layers)", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU refusal")),
 ])

@@ -373,7 +373,7 @@ def serve_command(
         help="Artifact directory from `thresher calibrate`; default: the model's cached artifact, calibrated on "
              "first use.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="THRESHER_API_KEY",
                                                    help="Require 'Authorization: Bearer <key>' on /v1.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients send; default: the "
@@ -390,8 +390,8 @@ def serve_command(
         help="Wire per-request attention budgets into the engine's attention. On GPUs the wiring runs inside every "
              "decode step's CUDA graph, budget or not: a few percent of dense decode speed (5-7% measured on an "
              "H100); --no-attention-budgets gives that back, and requests with a budget are then refused.")] = True,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Context length; default: the model's.")] = None,
-    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to shard the model over.")] = 1,
+    max_model_len: Annotated[Optional[int], typer.Option(min=1, help="Context length; default: the model's.")] = None,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="GPUs to shard the model over.")] = 1,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
         help="Fraction of accelerator memory (on CPU: of the first NUMA node's RAM) for weights and KV cache; "
              "default 0.9 on GPU. On CPU the KV cache is sized by --kv-cache-gib unless this is given.")] = None,
@@ -399,7 +399,7 @@ def serve_command(
         help="KV cache size in GiB, overriding --gpu-memory-utilization, the attention budgets' page summaries "
              "included when they are on (1/32 of the cache on the CPU, 1/16 on GPUs); default on CPU: 2 (a fraction of RAM breaks on machines whose "
              "NUMA node reports only part of their memory).")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
     quantization: Annotated[Optional[str], typer.Option(
         help="Quantize the weights as they load (vLLM's --quantization; GPU only): 'fp8' is e4m3 with one scale per "
@@ -432,6 +432,9 @@ def serve_command(
         raise typer.BadParameter(f"a default budget ({attention_budget}) needs attention budgets: drop "
                                  "--no-attention-budgets or serve with --attention-budget 0",
                                  param_hint="--attention-budget")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise typer.BadParameter(f"must lie in (0, 1], got {gpu_memory_utilization}",
+                                 param_hint="--gpu-memory-utilization")
     extra_engine_args = _parse_engine_args(engine_arg)
     _check_quantization(quantization)
     try:
