@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import math
 
+import pytest
+
 from thresher.engine import SPARSITY_EXTRA_ARG, request_extras
 
 MAX_TOKENS = 12
@@ -25,11 +27,27 @@ def logprob_distance(row: dict[int, float], reference: dict[int, float]) -> floa
     return max((abs(row[t] - reference[t]) for t in row.keys() & reference.keys()), default=math.inf)
 
 
-def start_engine(model_path, **kwargs):
-    from vllm import LLM
+def engine(**settings):
+    """The real vLLM `LLM` with its model in a worker process, as `thresher serve` runs it, and its engine core (the
+    scheduler) in this process: one process start fewer than vLLM's default, ~40 s of imports on a 2-core CI machine.
+    """
+    import torch
+    from vllm import LLM, envs
 
-    return LLM(model=str(model_path), max_model_len=256, dtype="float32", max_num_seqs=8,
-               kv_cache_memory_bytes=2**28, seed=0, **kwargs)
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        patch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # a fork would inherit this process's OpenMP state
+        llm = LLM(distributed_executor_backend="mp", **settings)
+    # the in-process core froze vLLM's environment as it was above, and set this process's torch threads to 1
+    envs.disable_envs_cache()
+    torch.set_num_threads(threads)
+    return llm
+
+
+def start_engine(model_path, **kwargs):
+    return engine(model=str(model_path), max_model_len=256, dtype="float32", max_num_seqs=8,
+                  kv_cache_memory_bytes=2**28, seed=0, **kwargs)
 
 
 def shutdown(llm) -> None:

@@ -10,9 +10,9 @@ log-probabilities by tenths (H100, Llama: stock bf16 0.08 from float32, fused 0.
 0.54). So a prefill whose top two tokens lie closer than that may start the answer with the other one (the tiny Qwen2's
 third prompt: 0.07 apart in float32), and the decode step after it then reads another context: such a prompt's decode
 step is not compared, its prefill tie is checked instead. A decode step's top token may likewise be a tie (Qwen2,
-H100: fused 0.06 apart, float32 0.23 the other way round, within the bound). A level whose thresholds zero every activation must change
-them. Engines run eager: the fused forward is the same code compiled or not, and CUDA graphs are covered by
-`test_gpu_engine.py`.
+H100: fused 0.06 apart, float32 0.23 the other way round, within the bound). A level whose thresholds zero every
+activation must change them. Engines run eager: the fused forward is the same code compiled or not, and CUDA graphs
+are covered by `test_gpu_engine.py`.
 """
 
 import math

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from tests.engine.engines import shutdown
+from tests.engine.engines import engine, shutdown
 from thresher.engine import engine_overrides, request_extras
 from thresher.engine.measurement import WORKER_EXTENSION
 from thresher.kernels.page_selection import reference_selection
@@ -33,16 +33,14 @@ def windows(hf_model):
 
 @pytest.fixture(scope="module")
 def llm(embedded_model):
-    from vllm import LLM
-
     from thresher.artifact import model_identity, reference_artifact
 
     artifact = reference_artifact(model_identity(embedded_model.path, embedded_model.name))
-    engine = LLM(model=str(embedded_model.path), max_model_len=4096, dtype="float32", max_num_seqs=4, seed=0,
+    llm = engine(model=str(embedded_model.path), max_model_len=4096, dtype="float32", max_num_seqs=4, seed=0,
                  kv_cache_memory_bytes=3 * 2**29, block_size=BLOCK, worker_extension_cls=WORKER_EXTENSION,
                  hf_overrides=engine_overrides(embedded_model.path, artifact))
-    yield engine
-    shutdown(engine)
+    yield llm
+    shutdown(llm)
 
 
 def _generate(llm, prompts, budgets, levels=None, specs=None, logprobs=None):

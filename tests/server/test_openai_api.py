@@ -99,10 +99,24 @@ def test_tool_results_go_back_and_auto_answers(server):
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
 
 
+def test_a_tool_parser_gets_the_special_tokens_it_asks_for(server):
+    # hermes reads its text with special tokens kept (some models mark <tool_call> special), as vLLM serves it
+    client = server.client()
+    question = [{"role": "user", "content": "Say hello."}]
+    answers = {choice: client.chat.completions.create(
+        model=MODEL, messages=question, max_tokens=32, temperature=0.0, tools=[WEATHER], tool_choice=choice,
+        extra_body={"ignore_eos": True}).choices[0].message.content for choice in ("auto", "none")}
+    assert "<|im_end|>" in answers["auto"] and "<|im_end|>" not in answers["none"]
+    assert answers["auto"].replace("<|im_end|>", "").startswith(answers["none"][:8])
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"logit_bias": {"50": 1}}, "logit_bias"),
     ({"frobnicate": True}, "frobnicate"),
     ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # without tools
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"messages": [{"role": "critic", "content": "hi"}]}, "messages.0.role"),
@@ -115,6 +129,14 @@ def test_unsupported_or_invalid_fields_are_400s_naming_them(server, body, param)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    joined = [{"role": "user", "content": "Hello\nthere"}]
+    tokens = [httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "messages": messages},
+                         headers=AUTH).json()["tokens"] for messages in (parts, joined)]
+    assert tokens[0] == tokens[1]
 
 
 def test_tokenize_and_detokenize_as_vllm_serves_them(server):

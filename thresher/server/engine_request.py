@@ -78,9 +78,10 @@ async def prepare_chat(body: ChatCompletionRequest, serving: ServingEngine) -> E
     except Exception as error:  # the template rejects some role orders
         raise bad_request(f"messages: the chat template rejects them: {error}", param="messages") from None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    # a tool parser may keep special tokens in the text it parses (hermes' <tool_call>)
     prepared = _engine_request(body, serving, applied, prompt_ids,
                                body.max_completion_tokens or body.max_tokens, logprobs, "chat.completion",
-                               "messages", structured_outputs)
+                               "messages", structured_outputs, vllm_request.skip_special_tokens)
     if new_parser is not None:
         prepared.tool_request, prepared.new_tool_parser = vllm_request, new_parser
     return prepared
@@ -162,8 +163,9 @@ def _check_length(serving: ServingEngine, size: int, field: str, max_tokens: int
                           f"exceed the context of {limit} tokens", param=field, code="context_length_exceeded")
 
 
-def _engine_request(body: SamplingRequest, serving: ServingEngine, applied: Applied, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None, kind: str,
-                    prompt_field: str, structured_outputs) -> EngineRequest:
+def _engine_request(body: SamplingRequest, serving: ServingEngine, applied: Applied, prompt_ids: list[int],
+                    max_tokens: int | None, logprobs: int | None, kind: str, prompt_field: str, structured_outputs,
+                    skip_special_tokens: bool = True) -> EngineRequest:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -177,7 +179,7 @@ def _engine_request(body: SamplingRequest, serving: ServingEngine, applied: Appl
             top_p=body.top_p, stop=body.stop_list(), seed=body.seed, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
-            structured_outputs=structured_outputs, extra_args=extra_args,
+            structured_outputs=structured_outputs, skip_special_tokens=skip_special_tokens, extra_args=extra_args,
         )
     except (ValueError, VLLMValidationError) as error:  # vLLM's own checks of the sampling options
         raise vllm_rejected(error, None) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator,
@@ -93,10 +94,38 @@ GREEDY_IS_ONE_CHOICE = {"if": {"required": ["temperature"], "properties": {"temp
                         "then": {"properties": {"n": {"const": 1}}}}
 
 
+@dataclass(frozen=True)
+class Needs:
+    """A field that has an effect only together with another (OpenAI refuses it alone): given and not null without
+    `other`, it is a 400 naming `field`. `other_schema` is what `other` must then be, for the OpenAPI document."""
+
+    field: str
+    other: str
+    other_schema: dict
+    wanted: str
+
+    def schema(self) -> dict:
+        return {"if": {"required": [self.field], "properties": {self.field: {"not": {"type": "null"}}}},
+                "then": {"required": [self.other], "properties": {self.other: self.other_schema}}}
+
+    def validator(self):
+        def check(cls, value, info: ValidationInfo):
+            if value is not None and not info.data.get(self.other):
+                raise ValueError(f"{self.field} needs {self.wanted}")
+            return value
+
+        return field_validator(self.field)(check)
+
+
+STREAM_NEEDED = Needs("stream_options", "stream", {"const": True}, "stream: true")
+LOGPROBS_NEEDED = Needs("top_logprobs", "logprobs", {"const": True}, "logprobs: true")
+TOOLS_NEEDED = Needs("parallel_tool_calls", "tools", {"type": "array", "minItems": 1}, "tools")
+
+
 class SamplingRequest(Strict):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE, STREAM_NEEDED.schema()]})
 
     model: str
     max_tokens: integer(ge=1) | None = None
@@ -114,6 +143,8 @@ class SamplingRequest(Strict):
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0, description=SPARSITY_DESCRIPTION)
     steering: SteeringSpec | None = Field(default=None, description=STEERING_DESCRIPTION)
     attention: AttentionOptions | None = Field(default=None, description=ATTENTION_DESCRIPTION)
+
+    _stream_options_need_stream = STREAM_NEEDED.validator()
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -148,7 +179,8 @@ class ChatMessage(Strict):
 
     def template_message(self) -> dict:
         """The message as chat templates take it: text content, tool-call arguments as objects."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        # parts joined as vLLM's server joins them
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
         message = {"role": self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
@@ -216,9 +248,10 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    model_config = ConfigDict(json_schema_extra={"allOf": [GREEDY_IS_ONE_CHOICE, {  # tool_choice needs tools
-        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
-        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        GREEDY_IS_ONE_CHOICE, STREAM_NEEDED.schema(), LOGPROBS_NEEDED.schema(), TOOLS_NEEDED.schema(),
+        {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: integer(ge=1) | None = None
@@ -229,6 +262,9 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None, description="Default: 'auto' when tools are given, else 'none'.")
     parallel_tool_calls: bool | None = None
+
+    _top_logprobs_need_logprobs = LOGPROBS_NEEDED.validator()
+    _parallel_tool_calls_need_tools = TOOLS_NEEDED.validator()
 
     @field_validator("tool_choice")
     @classmethod
