@@ -32,7 +32,8 @@ def test_a_users_file_is_split_like_the_embedded_text(tmp_path):
 
 def test_jsonl_text_and_chat_messages(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    lines = [{"text": "plain text"}, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    lines = [{"text": "plain text"},
+             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     assert read_texts(path) == ["plain text", "hi\n\nhello"]
 

@@ -94,7 +94,8 @@ def model_identity(model_path: str | os.PathLike, name: str | None = None) -> Mo
             with safe_open(file, framework="pt") as f:
                 if tensor_name in f.keys():
                     sample = f.get_slice(tensor_name)[:8].reshape(-1)[:_SAMPLE_VALUES]
-                    digest.update(sample.to("cpu", torch.float32).numpy().tobytes())  # vLLM builds models under a CUDA default device
+                    # to the CPU: vLLM builds models under a CUDA default device
+                    digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
                     break
     num_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim")
@@ -231,7 +232,8 @@ def load_artifact(directory: str | os.PathLike, model: ModelIdentity | None = No
     except (json.JSONDecodeError, KeyError, TypeError, UnsupportedArchitecture) as exc:
         raise ArtifactError(f"{manifest_path} is damaged: {exc}") from exc
     if manifest.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{manifest_path} has format {manifest.get('format')}; this thresher reads {FORMAT_VERSION}")
+        raise ArtifactError(f"{manifest_path} has format {manifest.get('format')}; this thresher reads "
+                            f"{FORMAT_VERSION}")
     for file_name, expected in files.items():
         file_path = directory / file_name
         if not file_path.is_file():

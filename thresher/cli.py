@@ -147,7 +147,8 @@ def eval_command(
         help="Artifact directory; repeat to compare methods.")] = None,
     long_context: Annotated[bool, typer.Option(
         "--long-context", help="Score attention budgets instead: perplexity and KL from dense attention over long "
-                               "held-out windows, beside StreamingLLM at the same budget (no artifact needed).")] = False,
+                               "held-out windows, beside StreamingLLM at the same budget (no artifact needed).")
+    ] = False,
     context: Annotated[Optional[int], typer.Option(help="--long-context: window length in tokens; default: the "
                                                         "model's context.")] = None,
     budgets: Annotated[str, typer.Option(help="--long-context: attention budgets in tokens, comma-separated.")] = (
@@ -397,8 +398,8 @@ def serve_command(
              "default 0.9 on GPU. On CPU the KV cache is sized by --kv-cache-gib unless this is given.")] = None,
     kv_cache_gib: Annotated[Optional[float], typer.Option(
         help="KV cache size in GiB, overriding --gpu-memory-utilization, the attention budgets' page summaries "
-             "included when they are on (1/32 of the cache on the CPU, 1/16 on GPUs); default on CPU: 2 (a fraction of RAM breaks on machines whose "
-             "NUMA node reports only part of their memory).")] = None,
+             "included when they are on (1/32 of the cache on the CPU, 1/16 on GPUs); default on CPU: 2 (a fraction "
+             "of RAM breaks on machines whose NUMA node reports only part of their memory).")] = None,
     max_num_seqs: Annotated[int, typer.Option(min=1, help="Most requests in one batch.")] = 64,
     dtype: Annotated[str, typer.Option(help="Weights and activations dtype (vLLM's --dtype).")] = "auto",
     quantization: Annotated[Optional[str], typer.Option(

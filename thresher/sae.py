@@ -74,7 +74,8 @@ class SparseAutoencoder(torch.nn.Module):
 
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """decode() of codes given as `[tokens, n]` latent indices and values: reads n decoder rows per token."""
-        return torch.nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        rows = torch.nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return rows + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

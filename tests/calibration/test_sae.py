@@ -65,7 +65,8 @@ def test_an_sae_trained_elsewhere_loads(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 8, "d_sae": 32, "hook_name": "blocks.5.hook_resid_post"}))
-    weights = {"W_enc": torch.randn(8, 32), "b_enc": torch.zeros(32), "W_dec": torch.randn(32, 8), "b_dec": torch.zeros(8)}
+    weights = {"W_enc": torch.randn(8, 32), "b_enc": torch.zeros(32), "W_dec": torch.randn(32, 8),
+               "b_dec": torch.zeros(8)}
     save_file(weights, tmp_path / "sae_weights.safetensors")
     sae = load_sae(tmp_path, d_in=8)
     assert sae.hook_layer == 5 and sae.architecture == "standard"

@@ -36,7 +36,8 @@ def test_threshold_and_op_compile_in_one_graph():
     thresholds = torch.stack([torch.zeros(32), torch.full((32,), 0.5)])
     levels = torch.tensor([1, 0])
     compiled = torch.compile(lambda *a: _thresholded_linear(*a) * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(x, w, thresholds, levels), 2 * sparse_linear_reference(x, w, thresholds, levels))
+    expected = 2 * sparse_linear_reference(x, w, thresholds, levels)
+    torch.testing.assert_close(compiled(x, w, thresholds, levels), expected)
 
 
 def test_half_precision_input_gives_an_fp32_result_for_the_caller_to_cast():

@@ -47,6 +47,10 @@ REQUESTS = [
     ("bad temperature", "POST", "/v1/chat/completions", {**CHAT, "temperature": 7.0}),
     ("unknown model", "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-4o"}),
     ("tool choice without tools", "POST", "/v1/chat/completions", {**CHAT, "tool_choice": "required"}),
+    ("stream options without stream", "POST", "/v1/chat/completions",
+     {**CHAT, "stream_options": {"include_usage": True}}),
+    ("top logprobs without logprobs", "POST", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}),
+    ("greedy n", "POST", "/v1/chat/completions", {**CHAT, "n": 2}),
 ]
 
 # Deliberate differences, by JSON path ("*" for any index): why each is so.

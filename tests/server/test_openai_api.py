@@ -117,6 +117,7 @@ def test_a_tool_parser_gets_the_special_tokens_it_asks_for(server):
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # without tools
+    ({"n": 2, "temperature": 0.0}, "n"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"messages": [{"role": "critic", "content": "hi"}]}, "messages.0.role"),

@@ -102,7 +102,8 @@ def write_sweep_report(result: dict, directory: Path) -> None:
 
 def print_sweep(result: dict, console: Console | None = None) -> None:
     table = Table(title=f"steering after layer {result['layer']}: {result['instructions']} held-out instructions, "
-                        f"{result['new_tokens']} tokens each; unsteered perplexity {result['unsteered_perplexity']:.2f}")
+                        f"{result['new_tokens']} tokens each; unsteered perplexity "
+                        f"{result['unsteered_perplexity']:.2f}")
     for column in ("target", "control", "mode", "strength", "reading", "judge gain", "perplexity", "combined"):
         table.add_column(column, justify="left" if column in ("target", "control", "mode") else "right")
     for r in result["rows"][1:]:
@@ -119,7 +120,8 @@ def print_sweep(result: dict, console: Console | None = None) -> None:
     for name, vector in summary["vectors"].items():
         console.print(f"vector {name} at {vector['strength']:g}: judge gain {vector['judge_gain']:+.3f} against "
                       f"{vector['random_judge_gain']:+.3f} for a random direction of its norm, perplexity "
-                      f"{vector['perplexity_ratio']:.2f}x unsteered: {'steers' if vector['steers'] else 'does not steer'}")
+                      f"{vector['perplexity_ratio']:.2f}x unsteered: "
+                      f"{'steers' if vector['steers'] else 'does not steer'}")
     console.print(f"features whose activation rises with strength: {summary['features_monotonic_when_added']:.0%} "
                   f"added, {summary['features_monotonic_when_clamped']:.0%} clamped; clamping's best combined score "
                   f"beats adding's for {summary['clamp_beats_add']:.0%}")

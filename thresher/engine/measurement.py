@@ -143,7 +143,8 @@ class ThresherWorkerExtension:
                         pick = torch.randint(0, flat.numel(), (samples_per_call,), device=flat.device)
                         samples.append(flat[pick].cpu())
 
-                model._thresher_recorders.append(layer.get_submodule(group.vllm_module).register_forward_pre_hook(record))
+                module = layer.get_submodule(group.vllm_module)
+                model._thresher_recorders.append(module.register_forward_pre_hook(record))
 
     def thresher_decode_input_samples(self) -> dict[str, list[float]]:
         """Per tensor name, the recorded |x| samples of its decode inputs (as lists: the RPC's replies are msgpack)."""

@@ -146,6 +146,13 @@ class SamplingRequest(Strict):
 
     _stream_options_need_stream = STREAM_NEEDED.validator()
 
+    @field_validator("n")
+    @classmethod
+    def _sampled_when_several(cls, n: int, info: ValidationInfo) -> int:
+        if n > 1 and info.data.get("temperature") == 0:
+            raise ValueError("n above 1 needs a temperature above 0: greedy decoding has one answer")
+        return n
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
