@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tests.engine.engines import engine, shutdown
 from thresher.engine import engine_overrides, request_extras
@@ -59,12 +60,42 @@ def _generate(llm, prompts, budgets, levels=None, specs=None, logprobs=None):
 
 def test_a_budget_covering_the_context_is_dense_attention(llm, windows):
     dense = _generate(llm, windows[:1], [0], logprobs=5)[0]
-    covered = _generate(llm, windows[:1], [4096], logprobs=5)[0]
+    llm.collective_rpc("thresher_record_selection", args=(LAYER, True))
+    try:
+        covered = _generate(llm, windows[:1], [4096], logprobs=5)[0]
+        selections = llm.collective_rpc("thresher_recorded_selection", args=(LAYER,))[0]["steps"]
+    finally:
+        llm.collective_rpc("thresher_record_selection", args=(LAYER, False))
+    assert selections == []  # no request over its budget: no step ran the selection
     assert covered.token_ids == dense.token_ids
     assert [{t: p.logprob for t, p in step.items()} for step in covered.logprobs] == \
         [{t: p.logprob for t, p in step.items()} for step in dense.logprobs]
     read, total = llm.collective_rpc("thresher_attention_pages")[0]
     assert read == total > 0
+
+
+def test_only_a_request_over_its_budget_makes_a_step_select():
+    import numpy as np
+    from vllm import SamplingParams
+
+    from thresher.engine.runner_hooks import ScheduledBatch
+    from thresher.engine.selective_attention import RequestBudgets
+
+    budgets = RequestBudgets(BLOCK, 4, torch.device("cpu"))
+    params = {name: SamplingParams(extra_args=request_extras(0.0, None, budget)[0])
+              for name, budget in (("covered", 4 * BLOCK), ("over", 2 * BLOCK), ("dense", 0))}
+
+    def step(names, seq_lens, decoding=True):
+        count = len(names)
+        budgets.update(params, ScheduledBatch(names, np.ones(count, dtype=np.int64), np.full(count, decoding),
+                                              np.array(seq_lens)))
+        return budgets.active
+
+    assert not step(["covered", "dense"], [4 * BLOCK, 10 * BLOCK])  # a context of exactly its budget fits
+    assert step(["covered", "dense"], [4 * BLOCK + 1, 10 * BLOCK])
+    assert step(["dense", "over"], [10 * BLOCK, 2 * BLOCK + 1])
+    assert not step(["dense", "over"], [10 * BLOCK, 2 * BLOCK + 1], decoding=False)  # prefill: dense
+    assert budgets.pages.tolist() == [0, 0, 0, 0]
 
 
 def test_a_small_budget_reads_its_pages_and_stays_close(llm, windows):
@@ -87,8 +118,6 @@ def test_a_small_budget_reads_its_pages_and_stays_close(llm, windows):
 def test_the_engine_selects_what_the_reference_selects(llm, windows):
     """Queries and keys recorded in one layer of the engine (prefill in chunks, then decode writes), replayed
     through the per-sequence reference: the same pages, at every step of two sequences decoding side by side."""
-    import torch
-
     llm.collective_rpc("thresher_record_selection", args=(LAYER, True))
     try:
         _generate(llm, windows[:2], [256, 1024])

