@@ -4,8 +4,7 @@ At the kernel level, FlashAttention over the compacted tables (with the split pl
 is attention over exactly the selected tokens, and the whole step replays from a CUDA graph. In the engine (a small
 randomly initialised Llama with 128-wide heads, whose attention is far from uniform, unlike vLLM's dummy weights;
 CUDA graphs on, vLLM 0.26's V2 runner), a budget that covers the context is dense attention to the bit, a small one
-changes what decode reads, and a budgeted neighbour changes nothing for an unbudgeted request; steps with no request
-over its budget replay CUDA graphs captured without the selection.
+changes what decode reads, and a budgeted neighbour changes nothing for an unbudgeted request.
 """
 
 import json
@@ -182,24 +181,6 @@ def test_a_covering_budget_is_dense_attention_and_a_small_one_reads_its_pages(ll
     # only budgeted requests count: the covering one's steps read every page; the small one's 16 of about `pages`
     assert total > 2 * (NEW_TOKENS - 1) * pages * 0.99
     assert read < total * (1 + 16 / pages) / 2 + 1
-
-
-def test_only_steps_with_a_request_over_its_budget_replay_the_selection(llm):
-    """V2 captures its full decode graphs twice, with and without the selection, and a step replays the second set
-    unless a request is over its budget."""
-    def replays():
-        counts = llm.collective_rpc("thresher_graph_replays")[0]
-        return counts["selecting"], counts["not selecting"]
-
-    counts = llm.collective_rpc("thresher_graph_replays")[0]
-    assert counts["captured selecting"] == counts["captured not selecting"] > 0
-    before = replays()
-    _generate(llm, [4096, 0, 0], [0, 1, 2])  # the budget covers the context
-    covered = replays()
-    assert covered[0] == before[0] and covered[1] > before[1]
-    _generate(llm, [256, 0, 0], [0, 1, 2])
-    small = replays()
-    assert small[0] > covered[0] and small[1] == covered[1]
 
 
 def test_a_budgeted_neighbour_changes_nothing_for_an_unbudgeted_request(llm):
