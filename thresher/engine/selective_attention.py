@@ -55,11 +55,11 @@ class RequestBudgets:
                       for r, n, d in zip(batch.req_ids, batch.num_scheduled_tokens, batch.decoding)]
         self._host[count:] = 0
         self.pages.copy_(torch.from_numpy(self._host), non_blocking=True)
-        # the selection's own test (`page_selection.kept_pages`), on the host's lengths (V2's are upper bounds, so
-        # a step may select where every context still fits, which keeps every page: never the other way)
+        # on the host's lengths (V2's are upper bounds, so a step may select where every context still fits, which
+        # keeps every page: never the other way)
         num_pages = -(-batch.seq_lens // self.block_size)
+        self.active = bool(page_selection.selective(num_pages, budgets).any())
         under = budgets > 0
-        self.active = bool((under & (num_pages > budgets)).any())
         # every layer reads the same number of pages: the budget, or the context within it
         self.pages_read += int(np.minimum(budgets, num_pages)[under].sum())
         self.pages_total += int(num_pages[under].sum())

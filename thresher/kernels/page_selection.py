@@ -75,6 +75,12 @@ def page_mass(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor,
     return mass.sum(-1).masked_fill(~candidate, -math.inf)
 
 
+def selective(num_pages, budget_pages):
+    """Which sequences select (torch tensors or numpy arrays alike): those with a budget their context exceeds; the
+    others read every page of their context."""
+    return (budget_pages > 0) & (num_pages > budget_pages)
+
+
 def candidates(page: torch.Tensor, num_pages: torch.Tensor) -> torch.Tensor:
     """`[rows, pages]`: the pages each row may choose, past the sinks and before its newest pages."""
     return (page >= SINK_PAGES) & (page < (num_pages - RECENT_PAGES).unsqueeze(1))
@@ -92,8 +98,7 @@ def kept_pages(mass: torch.Tensor, num_pages: torch.Tensor, budget_pages: torch.
         order = torch.topk(mass, min(most, mass.shape[1]), dim=1).indices
         chosen = torch.arange(order.shape[1], device=order.device) < picks.unsqueeze(1)
         keep = keep | torch.zeros_like(keep).scatter(1, order, chosen)
-    selective = (budget_pages > 0) & (num_pages > budget_pages)
-    return torch.where(selective.unsqueeze(1), keep & within, within)
+    return torch.where(selective(num_pages, budget_pages).unsqueeze(1), keep & within, within)
 
 
 def reference_selection(query: torch.Tensor, keys: torch.Tensor, budget_pages: int, block_size: int,
@@ -136,6 +141,5 @@ def select_pages(query: torch.Tensor, summaries: torch.Tensor, block_table: torc
     compacted[:, :width] = torch.where(page < kept.unsqueeze(1), torch.gather(blocks, 1, position),
                                        blocks).to(block_table.dtype)
     last_fill = seq_lens - (num_pages - 1) * block_size
-    selective = (budget_pages > 0) & (num_pages > budget_pages)
-    lengths = torch.where(selective, (kept - 1) * block_size + last_fill, seq_lens)
+    lengths = torch.where(selective(num_pages, budget_pages), (kept - 1) * block_size + last_fill, seq_lens)
     return compacted, lengths.to(seq_lens.dtype)
