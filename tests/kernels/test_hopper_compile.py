@@ -77,7 +77,7 @@ class _Recorder:
 
 def _drive_every_wrapper() -> None:
     """The launches the engine makes: the sparse GEMV on half-precision and FP8 weights with each producer, the
-    producers alone, and the page selection over bf16 and fp32 summaries."""
+    producers alone (and quantizing to FP8), and the page selection over bf16 and fp32 summaries."""
     g = torch.Generator().manual_seed(0)
     k, n = 64, 96
     thresholds = torch.rand(2, k, generator=g)
@@ -98,8 +98,9 @@ def _drive_every_wrapper() -> None:
                             residual_out=torch.empty_like(residual)) if producer == ADD_RMS_NORM else {}
                 triton_sparse.sparse_gemv(source, w.contiguous(), thresholds, levels, producer=producer, **norm,
                                           dtype=dtype)
-                triton_producers.produce_thresholded(producer, source, thresholds, levels, dtype,
-                                                     norm.get("residual"), norm.get("norm_weight"), 1e-5)
+                for produce in (triton_producers.produce_thresholded, triton_producers.produce_fp8):
+                    produce(producer, source, thresholds, levels, dtype, norm.get("residual"), norm.get("norm_weight"),
+                            1e-5)
     # the launch configurations of Llama-3-8B's projections, whose constants differ from small shapes' (real K: the
     # compaction's chunk; real N: tile widths and pipelining), with a narrow output to keep the interpreter quick
     for (k_real, n_real), fp8 in itertools.product(LLAMA3_8B_PROJECTIONS, (False, True)):
@@ -110,6 +111,14 @@ def _drive_every_wrapper() -> None:
         config = triton_sparse._launch_config(k_real, n_real, fp8)
         triton_sparse.sparse_gemv(x, w8.t().contiguous() if fp8 else w, thresholds_real,
                                   torch.ones(1, dtype=torch.int32), config=config, weight_scale=scale if fp8 else None)
+    # the FP8 row kernel holds a whole row in one tile: Llama-3-8B's widest (down's input) too
+    for producer, k_real in ((PLAIN, 4096), (SILU_MUL, 14336), (ADD_RMS_NORM, 4096)):
+        source = torch.randn(1, 2 * k_real if producer == SILU_MUL else k_real, generator=g)
+        source = source.to(torch.bfloat16) if producer == PLAIN else source
+        residual = torch.randn(1, k_real, generator=g).to(torch.bfloat16)
+        triton_producers.produce_fp8(producer, source, torch.rand(2, k_real, generator=g),
+                                     torch.ones(1, dtype=torch.int32), torch.bfloat16, residual,
+                                     torch.rand(k_real, generator=g).to(torch.bfloat16), 1e-5)
     block, kv_heads, heads, head = 16, 2, 8, 64
     for dtype in (torch.bfloat16, torch.float32):
         summaries = torch.zeros(33, kv_heads, 2, head, dtype=dtype)

@@ -29,7 +29,8 @@ them) come in two layouts, one per kernel: `weight` in the Triton kernel's (a co
 that a kept channel is one contiguous read) and `dense_weight` in vLLM's (K-major, which FP8 tensor cores need).
 Small batches gather the kept FP8 rows and widen them in registers, with the activations kept in half precision
 (W8A16); larger ones run vLLM's own FP8 GEMM (per-token FP8 quantization of x, then CUTLASS's scaled matmul), as
-stock vLLM serving `--quantization fp8` does (W8A8). So on FP8 weights the batch changes more than the speed: a
+stock vLLM serving `--quantization fp8` does (W8A8). The fused ops quantize x in the row kernel that makes it
+(`triton_producers.produce_fp8`), as stock vLLM's Inductor fuses the quantization into the RMSNorm. So on FP8 weights the batch changes more than the speed: a
 decode batch of 1-2 rounds its activations less than a larger one (stock FP8 rounds them at every batch).
 """
 
@@ -65,17 +66,24 @@ def activation_dtype(weight: torch.Tensor) -> torch.dtype:
 def _dense(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            dense_weight: torch.Tensor | None = None) -> torch.Tensor:
     if weight.dtype == FP8:  # CUDA only (`thresher serve` refuses FP8 elsewhere)
-        if dense_weight is None or weight_scale is None:
-            raise ValueError("FP8 weights need their weight_scale and their dense_weight (vLLM's K-major layout) for "
-                             "batches the Triton kernel does not take")
         from vllm import _custom_ops as vllm_ops
 
         quantized, x_scale = vllm_ops.scaled_fp8_quant(x.contiguous(), use_per_token_if_dynamic=True)
-        return vllm_ops.cutlass_scaled_mm(quantized, dense_weight, x_scale, weight_scale,
-                                          out_dtype=FP8_ACTIVATION_DTYPE).float()
+        return _fp8_gemm(quantized, x_scale, weight_scale, dense_weight)
     if x.is_cuda and x.dtype in _TRITON_DTYPES:
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
     return torch.nn.functional.linear(x, weight).float()
+
+
+def _fp8_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor | None,
+              dense_weight: torch.Tensor | None) -> torch.Tensor:
+    """vLLM's FP8 GEMM (CUTLASS's scaled matmul) on x quantized per token, in fp32."""
+    if dense_weight is None or weight_scale is None:
+        raise ValueError("FP8 weights need their weight_scale and their dense_weight (vLLM's K-major layout) for "
+                         "batches the Triton kernel does not take")
+    from vllm import _custom_ops as vllm_ops
+
+    return vllm_ops.cutlass_scaled_mm(x8, dense_weight, x_scale, weight_scale, out_dtype=FP8_ACTIVATION_DTYPE).float()
 
 
 @torch.library.custom_op("thresher::sparse_linear", mutates_args=())
@@ -115,6 +123,12 @@ def _produced_linear(producer: int, source: torch.Tensor, weight: torch.Tensor, 
                         norm_weight=norm_weight, eps=eps, residual_out=residual_out, weight_scale=weight_scale,
                         dtype=dtype)
         return y, residual_out
+    if source.is_cuda and weight.dtype == FP8:
+        from thresher.kernels.triton_producers import produce_fp8
+
+        x8, x_scale, residual_out = produce_fp8(producer, source.contiguous(), thresholds, levels, dtype, residual,
+                                                norm_weight, eps)
+        return _fp8_gemm(x8, x_scale, weight_scale, dense_weight), residual_out
     if source.is_cuda and dtype in _TRITON_DTYPES:
         from thresher.kernels.triton_producers import produce_thresholded
 

@@ -54,6 +54,15 @@ def fp8_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Te
     return quantized, scale
 
 
+def fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in float8_e4m3fn, fp32 scales `[rows, 1]`): vLLM's dynamic per-token FP8 quantization of activations, as
+    its `QuantFP8` computes it in torch (each row scaled so that its largest magnitude is 448, the scale at least
+    1 / (448 * 512))."""
+    largest = torch.finfo(torch.float8_e4m3fn).max
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / largest).clamp(min=1.0 / (largest * 512.0))
+    return (x.float() * scale.reciprocal()).clamp(-largest, largest).to(torch.float8_e4m3fn), scale
+
+
 def dequantized(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The fp32 weights an FP8 weight `[out, in]` and its scales (`[out]` or one) stand for."""
     return weight.float() * scale.float().reshape(-1, 1)

@@ -12,6 +12,10 @@ Rounding follows vLLM's native ops on the model dtype, as if the previous projec
     add_rms_norm:  h = round(y) + residual (fp32); residual_out = round(h);
                    x = round(round(h / rms(h)) * weight)
 Then x is thresholded per row: kept where |x| > thresholds[level of the row].
+
+Before vLLM's FP8 GEMM, `produce_fp8` also quantizes x to e4m3 per row, as vLLM's dynamic per-token quantization
+(`QuantFP8`, which stock vLLM's Inductor fuses into the RMSNorm the same way):
+    scale = max(max|x| / 448, 1 / (448 * 512));  x8 = e4m3(clamp(x * (1 / scale), -448, 448))
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import triton.language as tl
 from thresher.kernels.reference import ADD_RMS_NORM
 
 TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# e4m3's largest value, and vLLM's smallest per-token scale
+FP8_MAX = tl.constexpr(448.0)
+FP8_MIN_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 
 # the norm's whole-row sum reads tiles of at most this many elements: at decode (K = 4096, two rows) the whole row
 # in one load, so the sum waits on one round trip to L2 instead of one per tile
@@ -128,3 +135,46 @@ def produce_thresholded(
             num_warps=8 if producer == ADD_RMS_NORM else 4,
         )
     return x, residual_out
+
+
+@triton.jit
+def _produce_rows_fp8(
+    source_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, thresholds_ptr, levels_ptr, x_ptr, scale_ptr, K, eps,
+    PRODUCER: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row, the whole row in one tile (the scale needs the row's largest magnitude before any of it
+    is stored): x = threshold(produce(row)), then its e4m3 values and scale."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    row_ok = rows >= 0
+    ks = tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (ks < K)[None, :]
+    inverse_rms = row_inverse_rms(source_ptr, residual_ptr, rows, row_ok, K, eps, PRODUCER, DTYPE, 1, BLOCK)
+    x = produce_tile(source_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, inverse_rms, rows, ks, mask, K,
+                     PRODUCER, DTYPE).to(tl.float32)
+    level = tl.load(levels_ptr + rows)
+    t = tl.load(thresholds_ptr + level[:, None] * K + ks[None, :], mask=mask, other=0.0)
+    x = tl.where(tl.abs(x) > t, x, 0.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, FP8_MIN_SCALE)
+    quantized = tl.clamp(x * (1.0 / scale)[:, None], -FP8_MAX, FP8_MAX)
+    tl.store(x_ptr + rows[:, None] * K + ks[None, :], quantized.to(tl.float8e4nv), mask=mask)
+    tl.store(scale_ptr + rows, scale)
+
+
+def produce_fp8(
+    producer: int, source: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor, dtype: torch.dtype,
+    residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x8, scales, residual_out): the thresholded input `[rows, K]` made in `dtype` and quantized to e4m3 per row,
+    its fp32 scales `[rows, 1]`, and under ADD_RMS_NORM the new residual."""
+    rows, k = source.shape[0], thresholds.shape[-1]
+    x8 = torch.empty((rows, k), dtype=torch.float8_e4m3fn, device=source.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=source.device)
+    residual_out = torch.empty_like(residual) if producer == ADD_RMS_NORM else None
+    if rows:
+        block = triton.next_power_of_2(k)
+        _produce_rows_fp8[(rows,)](
+            source, residual if residual is not None else x8, norm_weight if norm_weight is not None else x8,
+            residual_out if residual_out is not None else x8, thresholds, levels, x8, scales, k, eps,
+            PRODUCER=producer, DTYPE=TRITON_DTYPES[dtype], BLOCK=block, num_warps=min(32, max(4, block // 512)),
+        )
+    return x8, scales, residual_out
