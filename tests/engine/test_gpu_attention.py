@@ -4,7 +4,8 @@ At the kernel level, FlashAttention over the compacted tables (with the split pl
 is attention over exactly the selected tokens, and the whole step replays from a CUDA graph. In the engine (a small
 randomly initialised Llama with 128-wide heads, whose attention is far from uniform, unlike vLLM's dummy weights;
 CUDA graphs on, vLLM 0.26's V2 runner), a budget that covers the context is dense attention to the bit, a small one
-changes what decode reads, and a budgeted neighbour changes nothing for an unbudgeted request.
+changes what decode reads, and a budgeted neighbour changes nothing for an unbudgeted request; steps with no request
+over its budget replay CUDA graphs captured without the selection.
 """
 
 import json
@@ -14,6 +15,7 @@ import os
 import pytest
 import torch
 
+from tests.engine.engines import engine, shutdown
 from tests.helpers import build_tiny_model
 from thresher.artifact import Artifact, dense_thresholds, model_identity
 from thresher.engine import engine_overrides, request_extras
@@ -136,8 +138,10 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from vllm import LLM
-
+    # the engine core in this process (`engines.engine`), which adds every request of a `generate` before its first
+    # step: each batch is the same mix of rows run after run. With vLLM's engine core in a process of its own, a
+    # request could miss the first step, and a step of 1-2 rows runs the sparse kernel, whose atomics vary its last
+    # bits from run to run (seen on an H100: identical runs parted)
     model = tmp_path_factory.mktemp("tiny-llama-long")
     build_tiny_model("LlamaForCausalLM", model, hidden_size=512, num_layers=2)  # 4 heads of 128, 2 KV heads
     config = json.loads((model / "config.json").read_text())
@@ -145,13 +149,13 @@ def llm(tmp_path_factory):
     identity = model_identity(model)
     artifact = tmp_path_factory.mktemp("artifact")
     Artifact(identity, [0.0], "synthetic", dense_thresholds(identity, 1)).save(artifact)
-    llm = LLM(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=4, gpu_memory_utilization=0.4, seed=0, enable_prefix_caching=False,
-              hf_overrides=engine_overrides(model, artifact),
-              worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
+    llm = engine(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
+                 gpu_memory_utilization=0.4, seed=0, enable_prefix_caching=False,
+                 hf_overrides=engine_overrides(model, artifact),
+                 worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
     assert llm.collective_rpc("thresher_selects_pages")[0]
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def _generate(llm, budgets, seeds):
@@ -181,6 +185,24 @@ def test_a_covering_budget_is_dense_attention_and_a_small_one_reads_its_pages(ll
     # only budgeted requests count: the covering one's steps read every page; the small one's 16 of about `pages`
     assert total > 2 * (NEW_TOKENS - 1) * pages * 0.99
     assert read < total * (1 + 16 / pages) / 2 + 1
+
+
+def test_only_steps_with_a_request_over_its_budget_replay_the_selection(llm):
+    """V2 captures its full decode graphs twice, with and without the selection, and a step replays the second set
+    unless a request is over its budget."""
+    def replays():
+        counts = llm.collective_rpc("thresher_graph_replays")[0]
+        return counts["selecting"], counts["not selecting"]
+
+    counts = llm.collective_rpc("thresher_graph_replays")[0]
+    assert counts["captured selecting"] == counts["captured not selecting"] > 0
+    before = replays()
+    _generate(llm, [4096, 0, 0], [0, 1, 2])  # the budget covers the context
+    covered = replays()
+    assert covered[0] == before[0] and covered[1] > before[1]
+    _generate(llm, [256, 0, 0], [0, 1, 2])
+    small = replays()
+    assert small[0] > covered[0] and small[1] == covered[1]
 
 
 def test_a_budgeted_neighbour_changes_nothing_for_an_unbudgeted_request(llm):

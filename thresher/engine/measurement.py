@@ -74,6 +74,7 @@ class ThresherWorkerExtension:
     - `thresher_clamp_readings()`: what the SAE reads of clamped features, before and after their clamps.
     - `thresher_selects_pages()`: whether attention budgets are wired into this engine's attention.
     - `thresher_attention_pages()`: KV pages read by decode steps under a budget, and what dense attention reads.
+    - `thresher_graph_replays()`: the V2 runner's two sets of full CUDA graphs (`runner_hooks.install_v2_graph_sets`).
     - `thresher_record_selection(layer, on)` and `thresher_recorded_selection(layer)`: one attention layer's key
       writes and page selections, for comparison with the reference selection.
     - `thresher_record_decode_inputs(on)` and `thresher_decode_input_samples()`: samples of |x| of every projection
@@ -96,6 +97,16 @@ class ThresherWorkerExtension:
         """Since the last call, summed over decode steps of requests with an attention budget: (pages each attention
         layer read, pages dense attention would have read)."""
         return self.model_runner.get_model().attention_budgets.read_and_reset()
+
+    def thresher_graph_replays(self) -> dict[str, int]:
+        """Full CUDA graphs replayed with and without the attention selection (V2 runner; {} without the second
+        set): captured per set, and replays since the engine started."""
+        manager = getattr(self.model_runner, "cudagraph_manager", None)
+        sets = getattr(manager, "thresher_graph_sets", None)
+        if sets is None:
+            return {}
+        return {"captured selecting": len(sets[True]), "captured not selecting": len(sets[False]),
+                "selecting": manager.thresher_replays[True], "not selecting": manager.thresher_replays[False]}
 
     def _selection(self, layer: int):
         return self.model_runner.get_model().model.layers[layer].self_attn.attn.impl.thresher_selection

@@ -9,15 +9,22 @@ scheduled and before the forward. vLLM has two runners, and each gets its own ho
 - V2 (`vllm/v1/worker/gpu/`; vLLM 0.26's GPU default): the model names its own `ModelState` class
   (`get_model_state_cls`), and `ThresherModelState` remembers each request's sampling params as it is added and
   updates the states in `prepare_inputs`.
+
+V2 replays whole decode steps from CUDA graphs (its FULL mode). For a model that selects attention pages, it also
+captures a second set of them without the selection, and replays that set in steps where no request is over its
+attention budget (`install_v2_graph_sets`): the selection's launches cost such steps ~5% for nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Mapping
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,10 +66,59 @@ def install_v1_hook() -> None:
     GPUModelRunner._prepare_inputs = prepare_inputs
 
 
+def install_v2_graph_sets() -> None:
+    """Wrap the V2 runner's CUDA graph manager once per process: after vLLM has captured its graphs, the FULL ones
+    are captured again without the attention selection (`RequestBudgets.capture_selection`), and each replay takes
+    the set its step needs (`RequestBudgets.active`, set before the replay by `ThresherModelState.prepare_inputs`).
+    Steps that run piecewise or eagerly call attention themselves, which then selects or not by the same flag."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager, ModelCudaGraphManager
+
+    capture, replay = ModelCudaGraphManager.capture, CudaGraphManager.run_fullgraph
+    if getattr(capture, "_thresher_hooked", False):
+        return
+
+    def capture_both(self, model, *args, **kwargs):
+        capture(self, model, *args, **kwargs)
+        full = self._capture_descs.get(CUDAGraphMode.FULL)
+        if not (full and getattr(model, "thresher_selects_pages", False)):
+            return
+        budgets = model.attention_budgets
+        selecting, descs = self.graphs, self._capture_descs
+        self.graphs, self._capture_descs = {}, {CUDAGraphMode.FULL: full}
+        budgets.capture_selection = False
+        try:
+            capture(self, model, *args,
+                    **{**kwargs, "progress_bar_desc": "Capturing CUDA graphs without page selection"})
+        finally:
+            budgets.capture_selection = True
+        self.thresher_graph_sets = {True: selecting, False: self.graphs}
+        self.thresher_replays = {True: 0, False: 0}
+        self.thresher_budgets = budgets
+        self.graphs, self._capture_descs = selecting, descs
+        log.info("thresher: %d full CUDA graphs captured twice, with and without the attention page selection",
+                 len(full))
+
+    def run_fullgraph(self, desc):
+        sets = getattr(self, "thresher_graph_sets", None)
+        if sets is not None:
+            selecting = self.thresher_budgets.active
+            self.graphs = sets[selecting]
+            self.thresher_replays[selecting] += 1
+        return replay(self, desc)
+
+    capture_both._thresher_hooked = True
+    ModelCudaGraphManager.capture = capture_both
+    CudaGraphManager.run_fullgraph = run_fullgraph
+
+
 @functools.cache
 def model_state_cls():
-    """The V2 runner's `ModelState` for thresher models (defined only when V2 asks for it)."""
+    """The V2 runner's `ModelState` for thresher models (defined only when V2 asks for it), with the V2 runner's
+    second set of CUDA graphs (`install_v2_graph_sets`)."""
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    install_v2_graph_sets()
 
     class ThresherModelState(DefaultModelState):
         def __init__(self, *args, **kwargs):

