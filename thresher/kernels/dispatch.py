@@ -30,8 +30,9 @@ that a kept channel is one contiguous read) and `dense_weight` in vLLM's (K-majo
 Small batches gather the kept FP8 rows and widen them in registers, with the activations kept in half precision
 (W8A16); larger ones run vLLM's own FP8 GEMM (per-token FP8 quantization of x, then CUTLASS's scaled matmul), as
 stock vLLM serving `--quantization fp8` does (W8A8). The fused ops quantize x in the row kernel that makes it
-(`triton_producers.produce_fp8`), as stock vLLM's Inductor fuses the quantization into the RMSNorm. So on FP8 weights the batch changes more than the speed: a
-decode batch of 1-2 rounds its activations less than a larger one (stock FP8 rounds them at every batch).
+(`triton_producers.produce_fp8`), as stock vLLM's Inductor fuses the quantization into the RMSNorm. So on FP8
+weights the batch changes more than the speed: a decode batch of 1-2 rounds its activations less than a larger one
+(stock FP8 rounds them at every batch).
 """
 
 from __future__ import annotations
