@@ -149,8 +149,9 @@ def llm(tmp_path_factory):
     identity = model_identity(model)
     artifact = tmp_path_factory.mktemp("artifact")
     Artifact(identity, [0.0], "synthetic", dense_thresholds(identity, 1)).save(artifact)
+    # every prompt prefilled in one step (3 x 3,000 tokens), so that the three requests decode together to the end
     llm = engine(model=str(model), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
-                 gpu_memory_utilization=0.4, seed=0, enable_prefix_caching=False,
+                 max_num_batched_tokens=16384, gpu_memory_utilization=0.4, seed=0, enable_prefix_caching=False,
                  hf_overrides=engine_overrides(model, artifact),
                  worker_extension_cls="thresher.engine.measurement.ThresherWorkerExtension")
     assert llm.collective_rpc("thresher_selects_pages")[0]

@@ -63,9 +63,9 @@ def test_fp8_weights_match_the_dequantized_reference(rows, dtype, per_channel):
 def test_fp8_weights_meet_bf16_activations_of_any_magnitude_exactly():
     # the kernel multiplies FP8 rows in fp16, each row's values of a chunk scaled by a power of two first: rows far
     # outside fp16's range (1e5 overflows it, 1e-6 is below its normal numbers) still get their exact products, so
-    # each row's result is the fp64 reference's up to fp32 accumulation
-    x, w, thresholds, levels = _case(4, 130, 200, torch.bfloat16)
-    x = (x.float() * torch.tensor([1e5, 1.0, 1e-6, 3e-30], device=DEVICE)[:, None]).to(torch.bfloat16)
+    # each row's result is the fp64 reference's up to fp32 accumulation (a row of zeros: exactly zero)
+    x, w, thresholds, levels = _case(6, 130, 200, torch.bfloat16)
+    x = (x.float() * torch.tensor([1e5, 1.0, 1e-6, 3e-30, 1e30, 0.0], device=DEVICE)[:, None]).to(torch.bfloat16)
     w8, scale = fp8_weight(w)
     y = sparse_gemv(x, w8.t().contiguous(), weight_scale=scale)
     reference = x.double() @ dequantized(w8, scale).double().t()

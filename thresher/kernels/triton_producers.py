@@ -154,8 +154,9 @@ def _produce_rows_fp8(
     level = tl.load(levels_ptr + rows)
     t = tl.load(thresholds_ptr + level[:, None] * K + ks[None, :], mask=mask, other=0.0)
     x = tl.where(tl.abs(x) > t, x, 0.0)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, FP8_MIN_SCALE)
-    quantized = tl.clamp(x * (1.0 / scale)[:, None], -FP8_MAX, FP8_MAX)
+    # IEEE divisions, as torch's (Triton's `/` on fp32 may round otherwise)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), FP8_MAX), FP8_MIN_SCALE)
+    quantized = tl.clamp(x * tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None], -FP8_MAX, FP8_MAX)
     tl.store(x_ptr + rows[:, None] * K + ks[None, :], quantized.to(tl.float8e4nv), mask=mask)
     tl.store(scale_ptr + rows, scale)
 
