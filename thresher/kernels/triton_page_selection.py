@@ -11,9 +11,10 @@ CUDA graphs. One launch in the KV cache write, three in the forward:
 3. `_page_mass`: per (sequence, tile), each head's softmax statistics over all tiles, then each page's per-head
    softmax summed over heads (its estimated attention mass).
 4. `_select`: per sequence, the pages of the `picks` largest masses, found by a radix select over the masses' fp32
-   bit patterns, a byte per pass (ties taken in page order), written compacted, in context order, with the length of
-   the shorter context. A sequence without a budget, or whose context fits in it, gets its own table's pages and its
-   length (and steps 2 and 3 do nothing for it).
+   bit patterns, `SELECT_RADIX` bits per pass, stopping at the first pass after which every mass sharing the
+   threshold's leading bits is taken (ties taken in page order), written compacted, in context order, with the
+   length of the shorter context. A sequence without a budget, or whose context fits in it, gets its own table's
+   pages and its length (and steps 2 and 3 do nothing for it).
 
 On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
 a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
@@ -32,6 +33,7 @@ from thresher.kernels.triton_sparse import wait_for_previous_kernel, supports_pd
 
 PAGE_TILE = 64  # pages per `_page_bounds` program (one KV head each)
 SELECT_CHUNK = 1024  # pages per step of `_select`'s passes over a context
+SELECT_RADIX = 8  # bits of the masses' patterns per pass of `_select`
 
 
 @triton.jit
@@ -163,7 +165,8 @@ def _page_mass(bounds_ptr, tile_max_ptr, tile_sum_ptr, mass_ptr, seq_lens_ptr, b
 
 @triton.jit
 def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr, budget_ptr, lengths_ptr, width,
-            block_size, CHUNK: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr, USE_GDC: tl.constexpr):
+            block_size, CHUNK: tl.constexpr, RADIX: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
+            USE_GDC: tl.constexpr):
     wait_for_previous_kernel(USE_GDC)
     seq = tl.program_id(0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -176,25 +179,31 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
     length = seq_len
     if (budget > 0) & (num_pages > budget):  # as in `_page_bounds`
         masses = mass_ptr + seq * width
-        # the `picks`-th largest mass, one byte of its bit pattern per pass from the top (a radix select over the
-        # context's pages, not the table's width); `needed` ends as how many masses equal to it to take, in page order
+        # the `picks`-th largest mass, RADIX bits of its bit pattern per pass from the top (bit 31, the sign, is 0);
+        # `needed` ends as how many masses equal to it to take, in page order. Once the masses that share the
+        # threshold's bits so far are all taken, the later passes have nothing to tell apart and are skipped.
         needed = budget - SINKS - RECENT
         threshold = tl.full((), 0, tl.int32)
-        digits = tl.arange(0, 256)
-        for byte in range(4):
-            shift = 24 - 8 * byte
-            counts = tl.zeros((256,), tl.int32)
-            for start in range(0, num_pages, CHUNK):
+        settled = needed <= 0
+        digits = tl.arange(0, 1 << RADIX)
+        for step in range((31 + RADIX - 1) // RADIX):
+            top = 31 - step * RADIX  # this pass's digit is bits [shift, top) of the pattern
+            shift = tl.maximum(top - RADIX, 0)
+            counts = tl.zeros((1 << RADIX,), tl.int32)
+            for start in range(0, tl.where(settled, 0, num_pages), CHUNK):
                 pages = start + offsets
                 bits = tl.load(masses + pages, mask=pages < num_pages, other=-1)
-                # the masses whose higher bytes match the threshold's so far (every candidate in the first pass)
-                match = (bits >= 0) & ((bits >> shift >> 8) == (threshold >> shift >> 8))
-                counts += tl.histogram(tl.where(match, (bits >> shift) & 0xFF, 0), 256)
+                match = (bits >= 0) & ((bits >> top) == (threshold >> top))  # every candidate in the first pass
+                counts += tl.histogram(tl.where(match, (bits >> shift) & ((1 << (top - shift)) - 1), 0), 1 << RADIX)
                 counts -= tl.where(digits == 0, CHUNK - tl.sum(match.to(tl.int32), axis=0), 0)
             at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matches with digit >= d
             digit = tl.max(tl.where(at_least >= needed, digits, -1), axis=0)
-            needed -= tl.sum(tl.where(digits == digit, at_least - counts, 0), axis=0)
-            threshold = threshold | (digit << shift)
+            left = needed - tl.sum(tl.where(digits == digit, at_least - counts, 0), axis=0)
+            threshold = tl.where(settled, threshold, threshold | (digit << shift))
+            # all of the digit's masses taken: those equal to the threshold (its lower bits 0) are among them
+            settled_now = left == tl.sum(tl.where(digits == digit, counts, 0), axis=0)
+            needed = tl.where(settled, needed, left)
+            settled = settled | settled_now
         # a budget of no more pages than the sinks and the newest: every digit qualified, none of the masses is taken
         threshold = tl.where(budget > SINKS + RECENT, threshold, 0x7FFFFFFF)
         needed = tl.maximum(needed, 0)
@@ -267,6 +276,6 @@ def select_pages(query: torch.Tensor, query_start_loc: torch.Tensor, summaries: 
                               TILES=triton.next_power_of_2(tiles), TILE=PAGE_TILE, SINKS=SINK_PAGES,
                               RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl, num_warps=4)
     _select[(seqs,)](mass, block_table, block_table.stride(0), compacted, compacted.stride(0), seq_lens,
-                     budget_pages, lengths, width, block_size, CHUNK=SELECT_CHUNK, SINKS=SINK_PAGES,
+                     budget_pages, lengths, width, block_size, CHUNK=SELECT_CHUNK, RADIX=SELECT_RADIX, SINKS=SINK_PAGES,
                      RECENT=RECENT_PAGES, USE_GDC=pdl, launch_pdl=pdl, num_warps=8)
     return compacted, lengths
