@@ -83,19 +83,21 @@ def _prefill(llm, prompts) -> None:
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
 
 
-def bytes_bound(config: dict, context: int, batch: int, budget: int) -> float:
-    """Stock decode's bytes per step over thresher's under `budget` (0: dense), at mid-decode context."""
+def bytes_bound(config: dict, context: int, batch: int, budget: int, level: float = 0.0) -> float:
+    """Stock decode's bytes per step over thresher's under `budget` (0: dense) and activation sparsity `level` (the
+    projections read that share fewer of their weight columns), at mid-decode context."""
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     kv_heads, head = config["num_key_value_heads"], hidden // config["num_attention_heads"]
-    weights = 2 * (layers * (hidden * (hidden + 2 * kv_heads * head) + hidden * hidden
-                             + 3 * hidden * config["intermediate_size"]) + config["vocab_size"] * hidden)
+    projections = 2 * layers * (hidden * (hidden + 2 * kv_heads * head) + hidden * hidden
+                                + 3 * hidden * config["intermediate_size"])
+    head_weights = 2 * config["vocab_size"] * hidden
     per_token = layers * 2 * kv_heads * head * 2  # keys and values, bf16
     length = context + NEW_TOKENS // 2
-    dense = weights + batch * length * per_token
-    if budget == 0 or budget >= length:
-        return 1.0
-    summaries = batch * (length // BLOCK) * layers * kv_heads * 2 * head * 2
-    return dense / (weights + batch * budget * per_token + summaries)
+    dense = projections + head_weights + batch * length * per_token
+    kv = batch * length * per_token
+    if 0 < budget < length:
+        kv = batch * budget * per_token + batch * (length // BLOCK) * layers * kv_heads * 2 * head * 2  # + summaries
+    return dense / (projections * (1 - level) + head_weights + kv)
 
 
 def main() -> None:
@@ -159,7 +161,7 @@ def main() -> None:
                 batch * NEW_TOKENS / _decode_seconds(thresher, prompts, budget, level, args.repeats))
             row = {"context": context, "batch": batch, "row": name, "tok_s": round(tok_s, 1),
                    "ratio": round(tok_s / dense[context, batch], 3),
-                   "bytes_bound": round(bytes_bound(config, context, batch, budget or 0), 3)}
+                   "bytes_bound": round(bytes_bound(config, context, batch, budget or 0, level), 3)}
             results["rows"].append(row)
             print(f"{context:>6} x{batch:<3} {name:>28} {row['tok_s']:>8} tok/s {row['ratio']:>6}x "
                   f"(bound {row['bytes_bound']}x)", flush=True)

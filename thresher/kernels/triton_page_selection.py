@@ -32,7 +32,7 @@ from thresher.kernels.page_selection import RECENT_PAGES, SINK_PAGES
 from thresher.kernels.triton_sparse import wait_for_previous_kernel, supports_pdl
 
 PAGE_TILE = 64  # pages per `_page_bounds` program (one KV head each)
-SELECT_CHUNK = 1024  # pages per step of `_select`'s passes over a context
+SELECT_CHUNK = 2048  # pages per step of `_select`'s passes over a context
 SELECT_RADIX = 8  # bits of the masses' patterns per pass of `_select`
 
 
