@@ -25,7 +25,7 @@ from thresher.calibration.stages import StageLog, describe, estimate_stages
 from thresher.calibration.statistics import STATISTICS_CHECKPOINT, StatisticsCheckpoint, collect_activation_statistics
 from thresher.calibration.thresholds import fit_channel_thresholds
 from thresher.calibration.vectors import contrastive_vectors, read_pairs
-from thresher.models import DEFAULT_MODEL, load_hf_model, resolve_model
+from thresher.models import DEFAULT_MODEL, compute_device, load_hf_model, resolve_model
 from thresher.sae import SparseAutoencoder
 from thresher.steering import SteeringAssets, save_steering_assets
 
@@ -116,6 +116,7 @@ def calibrate(
     levels = tuple(sorted(levels))
     if any(not 0.0 < level < 1.0 for level in levels):
         raise ValueError(f"sparsity levels must lie strictly between 0 and 1, got {list(levels)}")
+    compute_device(device)  # a device that is not there is refused before the model is read
     resolved = resolve_model(model)
     identity = model_identity(resolved.path, resolved.name)
     hf_model, tokenizer = load_hf_model(resolved, device=device)
