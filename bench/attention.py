@@ -12,7 +12,7 @@ budget 0 (dense) and each budget; `--sparsity L` adds the budget-2048 row with a
 
 Beside each row, the bytes-read bound: the ratio of what a decode step must read in stock vLLM (the weights, and
 every sequence's KV cache) to what it reads under the budget (the weights, the selected pages, and the page
-summaries: a key minimum and maximum per page).
+summaries: a key minimum and maximum per page), the projections reading 1 - L of their weight columns at level L.
 
 `--profile` runs the engines in this process and prints, per row, the GPU kernels of one timed generate by total
 time (torch.profiler), to see where a step's time goes.
