@@ -84,8 +84,8 @@ def _prefill(llm, prompts) -> None:
 
 
 def bytes_bound(config: dict, context: int, batch: int, budget: int, level: float = 0.0) -> float:
-    """Stock decode's bytes per step over thresher's under `budget` (0: dense) and activation sparsity `level` (the
-    projections read that share fewer of their weight columns), at mid-decode context."""
+    """Stock decode's bytes per step over thresher's under `budget` (0: dense) and activation sparsity `level` (each
+    projection reads 1 - `level` of its weight columns), at mid-decode context."""
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     kv_heads, head = config["num_key_value_heads"], hidden // config["num_attention_heads"]
     projections = 2 * layers * (hidden * (hidden + 2 * kv_heads * head) + hidden * hidden

@@ -10,11 +10,11 @@ CUDA graphs. One launch in the KV cache write, three in the forward:
    exponentials.
 3. `_page_mass`: per (sequence, tile), each head's softmax statistics over all tiles, then each page's per-head
    softmax summed over heads (its estimated attention mass).
-4. `_select`: per sequence, the pages of the `picks` largest masses, found by a radix select over the masses' fp32
-   bit patterns, `SELECT_RADIX` bits per pass, stopping at the first pass after which every mass sharing the
-   threshold's leading bits is taken (ties taken in page order), written compacted, in context order, with the
-   length of the shorter context. A sequence without a budget, or whose context fits in it, gets its own table's
-   pages and its length (and steps 2 and 3 do nothing for it).
+4. `_select`: per sequence, the pages of the `picks` largest masses (ties taken in page order), found by a radix
+   select over the masses' fp32 bit patterns, `SELECT_RADIX` bits per pass (once a pass leaves every mass sharing
+   the threshold's leading bits taken, the later ones skip their sweeps), written compacted, in context order, with
+   the length of the shorter context. A sequence without a budget, or whose context fits in it, gets its own
+   table's pages and its length (and steps 2 and 3 do nothing for it).
 
 On Hopper and newer every launch uses programmatic dependent launch, as the sparse kernels do (`triton_sparse`): in
 a step without budgets the launches have nothing to do, and what they cost is mostly the launch gap it hides.
@@ -181,7 +181,8 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
         masses = mass_ptr + seq * width
         # the `picks`-th largest mass, RADIX bits of its bit pattern per pass from the top (bit 31, the sign, is 0);
         # `needed` ends as how many masses equal to it to take, in page order. Once the masses that share the
-        # threshold's bits so far are all taken, the later passes have nothing to tell apart and are skipped.
+        # threshold's bits so far are all taken, the later passes skip their sweeps: the threshold keeps those bits
+        # (the rest 0) and `needed` their count, no fewer than the masses equal to it.
         needed = budget - SINKS - RECENT
         threshold = tl.full((), 0, tl.int32)
         settled = needed <= 0
@@ -204,7 +205,8 @@ def _select(mass_ptr, table_ptr, table_stride, out_ptr, out_stride, seq_lens_ptr
             settled_now = left == tl.sum(tl.where(digits == digit, counts, 0), axis=0)
             needed = tl.where(settled, needed, left)
             settled = settled | settled_now
-        # a budget of no more pages than the sinks and the newest: every digit qualified, none of the masses is taken
+        # a budget of no more pages than the sinks and the newest: no pass swept, and a threshold over every mass
+        # takes none
         threshold = tl.where(budget > SINKS + RECENT, threshold, 0x7FFFFFFF)
         needed = tl.maximum(needed, 0)
         # the sinks, the chosen pages and the newest pages, compacted in context order
