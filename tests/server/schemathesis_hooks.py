@@ -14,9 +14,8 @@ PROMPT_BYTES = 320
 
 
 @schemathesis.hook
-def filter_case(context, case):  # a case, not a body: bodies of the coverage phase pass no body filter
-    body = case.body
-    if not isinstance(body, dict) or not case.path.endswith("completions"):
+def filter_body(context, body):
+    if not isinstance(body, dict) or context.operation is None or not context.operation.path.endswith("completions"):
         return True
     material = {field: body[field] for field in ("messages", "prompt", "tools") if field in body}
     return len(json.dumps(material, ensure_ascii=False).encode("utf-8", "surrogatepass")) <= PROMPT_BYTES
