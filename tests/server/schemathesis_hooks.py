@@ -13,8 +13,20 @@ MAX_TOKENS = 4
 PROMPT_BYTES = 320
 
 
+def _largest_number(value) -> float:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return max(map(_largest_number, value), default=0)
+    return abs(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 @schemathesis.hook
 def filter_body(context, body):
+    # Schemathesis may carry an integer of 2^53 or more through a float and its shortest decimal form (int64's least,
+    # seed's bound, reached the server as -9223372036854776000), so the body it sends is not the one it validated.
+    if _largest_number(body) >= 2**53:
+        return False
     if not isinstance(body, dict) or context.operation is None or not context.operation.path.endswith("completions"):
         return True
     material = {field: body[field] for field in ("messages", "prompt", "tools") if field in body}

@@ -265,7 +265,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None, description="Default: 'auto' when tools are given, else 'none'.")
     parallel_tool_calls: bool | None = None
@@ -305,7 +305,7 @@ class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str = None  # one of prompt and messages; neither may be null
     messages: list[ChatMessage] = Field(default=None, min_length=1)
-    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool | None = Field(default=None, description="Default: true for a prompt, false for "
