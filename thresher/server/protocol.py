@@ -119,7 +119,7 @@ class Needs:
 
 STREAM_NEEDED = Needs("stream_options", "stream", {"const": True}, "stream: true")
 LOGPROBS_NEEDED = Needs("top_logprobs", "logprobs", {"const": True}, "logprobs: true")
-TOOLS_NEEDED = Needs("parallel_tool_calls", "tools", {"type": "array", "minItems": 1}, "tools")
+TOOLS_NEEDED = Needs("parallel_tool_calls", "tools", {"type": "array"}, "tools")  # the field itself holds 1+
 
 
 class SamplingRequest(Strict):
@@ -258,7 +258,7 @@ class ChatCompletionRequest(SamplingRequest):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         GREEDY_IS_ONE_CHOICE, STREAM_NEEDED.schema(), LOGPROBS_NEEDED.schema(), TOOLS_NEEDED.schema(),
         {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
-         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}]})
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: integer(ge=1) | None = None
